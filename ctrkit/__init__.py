@@ -1,0 +1,38 @@
+"""ctrkit: config-driven sparse CTR training on torchrec/fbgemm.
+
+Python API: `load_config(path, overrides) -> Config`, `prepare(cfg) -> Schema`,
+`train(cfg) -> RunResult`, `evaluate(cfg, checkpoint) -> metrics`.
+"""
+import logging as _logging
+
+# torchrec's import triggers a torch.fx deprecation warning on every run; it is not actionable here.
+_logging.getLogger("torch.fx._symbolic_trace").setLevel(_logging.ERROR)
+
+from ctrkit.config import Config, load_config  # noqa: E402
+from ctrkit.errors import ConfigError, CtrkitError, DataError  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def prepare(cfg, progress: bool = True):
+    from ctrkit.data.preprocess import prepare as _prepare
+    return _prepare(cfg, progress=progress)
+
+
+def train(cfg, progress=None):
+    from ctrkit.train.trainer import train as _train
+    return _train(cfg, progress=progress)
+
+
+def evaluate(cfg, checkpoint=None):
+    from ctrkit.train.trainer import evaluate as _evaluate
+    return _evaluate(cfg, checkpoint=checkpoint)
+
+
+def synth(out_dir, rows, **kwargs):
+    from ctrkit.data.synth import write_synthetic
+    return write_synthetic(out_dir, rows, **kwargs)
+
+
+__all__ = ["Config", "load_config", "prepare", "train", "evaluate", "synth", "CtrkitError",
+           "ConfigError", "DataError"]

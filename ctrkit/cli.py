@@ -1,0 +1,146 @@
+"""`ctrkit synth | prepare | train | eval | bench | demo` — a thin layer over the Python API.
+
+Every command takes an optional YAML config and `key=value` overrides. User errors (bad config,
+bad input files) print one line and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ctrkit.errors import CtrkitError
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _split_args(items: Sequence[str]) -> tuple:
+    config, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif config is None:
+            config = it
+        else:
+            raise CtrkitError(f"unexpected argument '{it}' (overrides look like key=value)")
+    return config, overrides
+
+
+def _print(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=1, default=float))
+        return
+    for split in ("valid", "test"):
+        m = obj.get(split)
+        if isinstance(m, dict):
+            print(f"{split:5s}  AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  ({m['rows']} rows)")
+    if "samples_per_s" in obj:
+        print(f"trained on {obj['samples']} samples in {obj['wall_seconds']:.1f} s "
+              f"({obj['samples_per_s']:,.0f} samples/s); run folder {obj['run_dir']}")
+
+
+def cmd_synth(cfg, args) -> dict:
+    from ctrkit.data.synth import write_synthetic
+    s = cfg.synth
+    return write_synthetic(s.out_dir, s.rows, s.valid_rows, s.test_rows, seed=s.seed,
+                           pos_rate=s.pos_rate, card_scale=s.card_scale, max_card=s.max_card,
+                           overwrite=s.overwrite, progress=not args.quiet)
+
+
+def cmd_prepare(cfg, args) -> dict:
+    from ctrkit.data.preprocess import prepare
+    schema = prepare(cfg, progress=not args.quiet)
+    return {"prepared_dir": str(schema.root), "seconds": schema.seconds,
+            "features": {f.name: f.vocab_size for f in schema.features},
+            "splits": {k: {"rows_read": v.rows_read, "rows_written": v.rows_written,
+                           "rows_skipped": v.rows_skipped, "skipped": v.skipped}
+                       for k, v in schema.splits.items()}}
+
+
+def cmd_train(cfg, args) -> dict:
+    from ctrkit.train.trainer import train
+    return train(cfg, progress=False if args.quiet else None).metrics
+
+
+def cmd_eval(cfg, args) -> dict:
+    from ctrkit.train.trainer import evaluate
+    return evaluate(cfg, checkpoint=args.checkpoint)
+
+
+def cmd_demo(cfg, args) -> dict:
+    """synth -> prepare -> train -> eval on data the project generates itself."""
+    from pathlib import Path as _P
+
+    from ctrkit.data.preprocess import prepare
+    from ctrkit.data.synth import write_synthetic
+    from ctrkit.train.trainer import evaluate, train
+    s = cfg.synth
+    if not (_P(s.out_dir) / "meta.json").is_file():
+        write_synthetic(s.out_dir, s.rows, s.valid_rows, s.test_rows, seed=s.seed,
+                        pos_rate=s.pos_rate, card_scale=s.card_scale, max_card=s.max_card,
+                        progress=not args.quiet)
+    meta = json.loads((_P(s.out_dir) / "meta.json").read_text())
+    if not (_P(cfg.data.prepared_dir) / "schema.json").is_file():
+        prepare(cfg, progress=not args.quiet)
+    tc = cfg.train.model_copy(update={"overwrite": True, "resume": False})
+    result = train(cfg.model_copy(update={"train": tc}), progress=False if args.quiet else None)
+    out = evaluate(cfg)
+    out["ceiling_auc"] = meta.get("ceiling_auc", {})
+    out.update({k: result.metrics[k] for k in ("samples", "wall_seconds", "samples_per_s", "run_dir")})
+    return out
+
+
+def cmd_bench(cfg, args) -> dict:
+    from ctrkit.bench import run_bench
+    return run_bench(args.what, cfg, args)
+
+
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
+            "demo": cmd_demo, "bench": cmd_bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctrkit", description="Sparse CTR training on torchrec/fbgemm.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"synth": "write synthetic Criteo-format data (synth.* keys)",
+             "prepare": "raw files -> vocabularies, encoded shards, schema.json",
+             "train": "train (prepares the data first if needed); writes metrics.json",
+             "eval": "evaluate a checkpoint on valid/test; writes metrics.json",
+             "demo": "synth -> prepare -> train -> eval with configs/demo.yaml",
+             "bench": "benchmarks: throughput"}
+    for name, h in helps.items():
+        sp = sub.add_parser(name, help=h)
+        if name == "bench":
+            sp.add_argument("what", choices=["throughput"], help="which benchmark")
+            sp.add_argument("--out", default=None, help="JSON output path")
+        sp.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+        sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "eval":
+            sp.add_argument("--checkpoint", default=None, help="checkpoint file (default: best)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from ctrkit.config import load_config
+        config, overrides = _split_args(args.args)
+        if config is None and args.command == "demo":
+            config = str(DEMO_CONFIG)
+        cfg = load_config(config, overrides)
+        result = COMMANDS[args.command](cfg, args)
+    except CtrkitError as e:
+        print(f"ctrkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctrkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    _print(result, args.json or args.command not in ("train", "eval", "demo"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed configuration tree: YAML file + `key=value` overrides, validated with clear one-line errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ctrkit.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FeatureSpec(_Strict):
+    """One input column of a generic CSV/Parquet dataset."""
+
+    name: str
+    type: Literal["categorical", "numeric"]
+    source: Optional[str] = None          # raw column name (default: name)
+    fill: Optional[Union[str, float]] = None  # value for missing entries (numeric default 0)
+    transform: Optional[Literal["none", "log", "criteo_bucket"]] = None  # numeric only; default data.dense_transform
+    min_count: Optional[int] = Field(default=None, ge=1)
+
+
+class DataConfig(_Strict):
+    format: Literal["criteo_tsv", "criteo_csv", "avazu_csv", "csv", "parquet"] = "criteo_tsv"
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    test: Optional[str] = None
+    header: Literal["auto", True, False] = "auto"
+    delimiter: Optional[str] = None          # csv only; default ','
+    features: Optional[List[FeatureSpec]] = None
+    label: str = "label"
+    min_count: int = Field(default=1, ge=1)
+    dense_transform: Literal["none", "log", "criteo_bucket"] = "log"
+    prepared_dir: str = "data/prepared"
+    overwrite: bool = False                  # allow prepare to replace a non-empty prepared_dir
+    skip_bad_rows: bool = False              # count and skip malformed rows instead of failing
+    shard_rows: int = Field(default=1_000_000, ge=1)
+    read_block_mb: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _generic_needs_features(self) -> "DataConfig":
+        if self.format in ("csv", "parquet") and not self.features:
+            raise ValueError(f"data.features is required for format '{self.format}'")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """`name` picks a registered model; every other key is passed to its constructor."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "deepfm"
+
+
+class SparseOptConfig(_Strict):
+    name: Literal["adam", "amsgrad", "rowwise_adagrad", "adagrad", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: List[float] = [0.9, 0.999]
+    eps: float = Field(default=1e-8, gt=0)
+    rowwise: bool = False   # adam/amsgrad: one second-moment scalar per row
+
+
+class DenseOptConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: List[float] = [0.9, 0.999]
+    eps: float = Field(default=1e-8, gt=0)
+
+
+class OptimizerConfig(_Strict):
+    dense: DenseOptConfig = DenseOptConfig()
+    sparse: SparseOptConfig = SparseOptConfig()
+
+
+class EarlyStopConfig(_Strict):
+    monitor: Literal["valid_auc", "valid_logloss"] = "valid_auc"
+    patience: int = Field(default=2, ge=1)   # evaluations without improvement before stopping
+    enabled: bool = True
+
+
+class PlateauConfig(_Strict):
+    factor: float = Field(default=0.1, gt=0, lt=1)
+    patience: int = Field(default=1, ge=0)
+    min_lr: float = Field(default=1e-6, ge=0)
+    enabled: bool = True
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(default=4096, ge=1)
+    eval_batch_size: int = Field(default=16384, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=0, ge=0)          # steps; 0 = once per epoch
+    max_steps: int = Field(default=0, ge=0)           # 0 = no limit; stops (and checkpoints) after N steps
+    checkpoint_every: int = Field(default=0, ge=0)    # steps; 0 = at each evaluation and at the end
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+    lr_plateau: PlateauConfig = PlateauConfig()
+    threads: int = Field(default=0, ge=0)             # torch intra-op threads; 0 = leave torch's default
+    seed: int = 0
+    shuffle: bool = True
+    prefetch: int = Field(default=4, ge=0)            # batches prepared ahead in a background thread
+    run_dir: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False                           # allow a fresh run in a non-empty run_dir
+    log_every: int = Field(default=50, ge=1)
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+class SynthConfig(_Strict):
+    out_dir: str = "data/synth"
+    rows: int = Field(default=200_000, ge=1)
+    valid_rows: int = Field(default=20_000, ge=0)
+    test_rows: int = Field(default=20_000, ge=0)
+    seed: int = 0
+    pos_rate: float = Field(default=0.25, gt=0, lt=1)
+    card_scale: float = Field(default=1.0, gt=0)
+    max_card: int = Field(default=1_000_000, ge=2)
+    overwrite: bool = False
+
+
+class Config(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    synth: SynthConfig = SynthConfig()
+
+
+def _parse_value(text: str) -> Any:
+    """`key=value` values are YAML scalars/lists: `1e-3`, `true`, `[400,400]`, `null`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation(err: ValidationError, origin: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-")) or "(root)"
+    if e["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{loc}'"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: {loc}: {e['msg']}{got_s}"
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults) and apply `a.b.c=value` overrides.
+
+    Relative data paths in the file are resolved against the config file's folder, so a config
+    works from any working directory.
+    """
+    tree: Dict[str, Any] = {}
+    origin = "config"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        base = p.resolve().parent
+        for key in ("train", "valid", "test", "prepared_dir"):
+            _resolve(tree.get("data"), key, base)
+        _resolve(tree.get("synth"), "out_dir", base)
+        _resolve(tree.get("train"), "run_dir", base)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key=value")
+        k, v = ov.split("=", 1)
+        _set_path(tree, k.strip(), _parse_value(v))
+        origin = origin if path else "overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, origin)) from None
+
+
+def _resolve(section: Any, key: str, base: Path) -> None:
+    if isinstance(section, dict) and isinstance(section.get(key), str):
+        v = Path(section[key]).expanduser()
+        if not v.is_absolute():
+            section[key] = os.path.normpath(base / v)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

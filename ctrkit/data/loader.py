@@ -1,0 +1,140 @@
+"""Batches from encoded shards: `Batch(dense, sparse: KeyedJaggedTensor, labels)` with prefetch.
+
+The order of an epoch is a pure function of (seed, epoch, rank, world size): shards are visited in a
+seeded order and rows shuffled inside each shard. Each rank of a distributed run takes its own
+disjoint slice of every shard. Resuming skips batches by position without reading them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from ctrkit.data.schema import Schema
+from ctrkit.data.shards import load_shard
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor            # [B, Dn] float32
+    sparse: KeyedJaggedTensor      # one id per categorical feature and sample
+    labels: torch.Tensor           # [B] float32
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class BatchLoader:
+    """Iterates one split's batches; `len()` is the number of batches per epoch for this rank."""
+
+    def __init__(self, schema: Schema, split: str, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 prefetch: int = 4) -> None:
+        if split not in schema.splits:
+            raise KeyError(f"split '{split}' was not prepared")
+        self.schema, self.split, self.batch_size = schema, split, batch_size
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.drop_last, self.prefetch = drop_last, prefetch
+        self.keys = [f.name for f in schema.sparse]
+        self.shards = [load_shard(schema.root, s) for s in schema.splits[split].shards]
+        self.epoch = 0
+        self.start_batch = 0
+
+    def _slice(self, n: int) -> tuple:
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def rows(self) -> int:
+        return sum(self._slice(s.rows)[1] - self._slice(s.rows)[0] for s in self.shards)
+
+    def __len__(self) -> int:
+        n = self.rows()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_position(self, epoch: int, batch: int = 0) -> None:
+        """Next iteration yields `epoch`'s batches from index `batch` on."""
+        self.epoch, self.start_batch = epoch, batch
+
+    def _order(self) -> List[tuple]:
+        """(shard index, row indices) for every batch of this epoch and rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shard_order = rng.permutation(len(self.shards)) if self.shuffle else range(len(self.shards))
+        rows: List[tuple] = []
+        for si in shard_order:
+            lo, hi = self._slice(self.shards[si].rows)
+            idx = np.arange(lo, hi)
+            if self.shuffle:
+                idx = np.random.default_rng([self.seed, self.epoch, int(si), self.rank]).permutation(idx)
+            rows.append((int(si), idx))
+        # Batches may span shard boundaries: concatenate the per-shard orders lazily.
+        out, pending, pend_n = [], [], 0
+        for si, idx in rows:
+            pos = 0
+            while pos < len(idx):
+                take = min(self.batch_size - pend_n, len(idx) - pos)
+                pending.append((si, idx[pos:pos + take]))
+                pend_n += take
+                pos += take
+                if pend_n == self.batch_size:
+                    out.append(pending)
+                    pending, pend_n = [], 0
+        if pending and not self.drop_last:
+            out.append(pending)
+        return out
+
+    def _make(self, parts: List[tuple]) -> Batch:
+        sparse = np.concatenate([self.shards[si].sparse[:, idx] for si, idx in parts], axis=1)
+        dense = np.concatenate([self.shards[si].dense[:, idx] for si, idx in parts], axis=1)
+        labels = np.concatenate([self.shards[si].labels[idx] for si, idx in parts])
+        b = labels.shape[0]
+        kjt = KeyedJaggedTensor(keys=self.keys,
+                                values=torch.from_numpy(sparse.reshape(-1).astype(np.int64)),
+                                lengths=torch.ones(len(self.keys) * b, dtype=torch.int32),
+                                stride=b)
+        return Batch(torch.from_numpy(np.ascontiguousarray(dense.T)), kjt, torch.from_numpy(labels))
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan = self._order()[self.start_batch:]
+        self.start_batch = 0
+        if self.prefetch <= 0:
+            for parts in plan:
+                yield self._make(parts)
+            return
+        q: "queue.Queue[Optional[Batch]]" = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        errors: List[BaseException] = []
+
+        def work() -> None:
+            try:
+                for parts in plan:
+                    if stop.is_set():
+                        return
+                    q.put(self._make(parts))
+            except BaseException as e:  # surfaced in the consumer
+                errors.append(e)
+            finally:
+                q.put(None)
+
+        t = threading.Thread(target=work, daemon=True, name=f"ctrkit-loader-{self.split}")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                yield item
+            if errors:
+                raise errors[0]
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(timeout=0.01)

@@ -1,0 +1,27 @@
+"""Errors that the CLI turns into one-line messages and a non-zero exit (never a traceback)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+
+class CtrkitError(Exception):
+    """Base class: anything a user can fix (config, input files, paths)."""
+
+
+class ConfigError(CtrkitError):
+    """Invalid configuration: unknown key, wrong type, bad value, missing file."""
+
+
+class DataError(CtrkitError):
+    """Bad input data; the message names the file, the line and the field where known."""
+
+    def __init__(self, path: Union[str, Path], message: str, line: Optional[int] = None,
+                 field: Optional[str] = None) -> None:
+        self.path, self.line, self.field = str(path), line, field
+        where = self.path
+        if line is not None:
+            where += f":{line}"
+        if field is not None:
+            where += f" field {field}"
+        super().__init__(f"{where}: {message}")

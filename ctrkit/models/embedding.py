@@ -1,0 +1,114 @@
+"""Embedding tables for CTR models: torchrec table configs, one batched lookup for all tables.
+
+`BatchedEmbeddingBags` is a drop-in for torchrec's `EmbeddingBagCollection` on a single worker: it
+takes the same `EmbeddingBagConfig`s and a `KeyedJaggedTensor`, but keeps all tables of one
+dimension in one flat weight and looks them up with a single `embedding_bag` call over the touched
+rows only, so the weight's gradient is *row-sparse* (a coalesced sparse COO tensor). An unsharded torchrec EBC produces dense gradients (O(table size) per step), and a
+per-table Python loop costs ~5x more on CPU; see ../shared/notes/torchrec-cpu.md.
+`to_torchrec()` exports a real `EmbeddingBagCollection` with the same weights (for sharding with
+torchrec's planner and for serving).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+
+class BatchedEmbeddingBags(nn.Module):
+    """All tables of one embedding dimension; `forward(kjt) -> [B, T, D]` pooled per table.
+
+    Each table reads exactly one feature (as torchrec tables usually do); several tables may read
+    the same feature (e.g. DeepFM's first-order weights and its field embeddings).
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], init_std: float = 1e-4) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("BatchedEmbeddingBags needs at least one table")
+        dims = {t.embedding_dim for t in tables}
+        if len(dims) != 1:
+            raise ValueError(f"all tables must share one embedding_dim, got {sorted(dims)}")
+        pools = {t.pooling for t in tables}
+        if len(pools) != 1 or next(iter(pools)) not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError("all tables must use the same SUM or MEAN pooling")
+        for t in tables:
+            if len(t.feature_names) != 1:
+                raise ValueError(f"table {t.name}: exactly one feature per table is supported")
+        self.tables: List[EmbeddingBagConfig] = list(tables)
+        self.embedding_dim = tables[0].embedding_dim
+        self.mode = "sum" if tables[0].pooling == PoolingType.SUM else "mean"
+        self.feature_names = [t.feature_names[0] for t in tables]
+        rows = torch.tensor([t.num_embeddings for t in tables], dtype=torch.int64)
+        self.register_buffer("row_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
+        self.num_rows = int(rows.sum())
+        self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim))
+        nn.init.normal_(self.weight, 0.0, init_std)
+        self._perm_cache: Dict[tuple, List[int]] = {}
+
+    def _select(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = tuple(kjt.keys())
+        if list(keys) == self.feature_names:
+            return kjt
+        perm = self._perm_cache.get(keys)
+        if perm is None:
+            index = {k: i for i, k in enumerate(keys)}
+            missing = [f for f in self.feature_names if f not in index]
+            if missing:
+                raise KeyError(f"features {missing} are not in the batch (has {list(keys)})")
+            perm = self._perm_cache[keys] = [index[f] for f in self.feature_names]
+        return kjt.permute(perm)
+
+    def flat_indices(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Row ids into the flat weight, in KJT (table-major) order."""
+        per_key = torch.tensor(kjt.length_per_key(), dtype=torch.int64)
+        return kjt.values().to(torch.int64) + torch.repeat_interleave(self.row_offsets, per_key)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        kjt = self._select(kjt)
+        idx = self.flat_indices(kjt)
+        offsets = kjt.offsets().to(torch.int64)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
+            # gradient (sorted unique rows), so optimizers skip the sort/merge of duplicates.
+            rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            sub = self.weight.detach().index_select(0, rows).requires_grad_()
+            sub.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
+            pooled = self._pool(inverse, sub, kjt, offsets)
+        else:
+            pooled = self._pool(idx, self.weight, kjt, offsets)
+        return pooled.view(len(self.tables), kjt.stride(), self.embedding_dim).transpose(0, 1)
+
+    def _pool(self, idx: torch.Tensor, weight: torch.Tensor, kjt: KeyedJaggedTensor,
+              offsets: torch.Tensor) -> torch.Tensor:
+        # One id per bag (the usual CTR case) is a plain gather, whose backward (index_add) is
+        # several times cheaper on CPU than embedding_bag's dense backward.
+        if idx.numel() == kjt.lengths().numel() and bool((kjt.lengths() == 1).all()):
+            return weight.index_select(0, idx)
+        return F.embedding_bag(idx, weight, offsets, mode=self.mode, include_last_offset=True)
+
+    def _accumulate_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, self.weight.shape, is_coalesced=True,
+                                    check_invariants=False)
+        self.weight.grad = g if self.weight.grad is None else (self.weight.grad + g).coalesce()
+
+    def table_weight(self, i: int) -> torch.Tensor:
+        """View of table i's rows inside the flat weight."""
+        start = int(self.row_offsets[i])
+        return self.weight[start:start + self.tables[i].num_embeddings]
+
+    def to_torchrec(self) -> EmbeddingBagCollection:
+        """A torchrec EmbeddingBagCollection holding a copy of these weights."""
+        ebc = EmbeddingBagCollection(tables=self.tables, device=torch.device("cpu"))
+        with torch.no_grad():
+            for i, t in enumerate(self.tables):
+                ebc.embedding_bags[t.name].weight.copy_(self.table_weight(i))
+        return ebc
+
+
+def table_config(name: str, feature: str, rows: int, dim: int) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows,
+                              feature_names=[feature], pooling=PoolingType.SUM)

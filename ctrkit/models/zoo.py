@@ -1,0 +1,91 @@
+"""Logistic regression, FM and DeepFM. Each `forward(batch)` returns logits [B]."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ctrkit.data.loader import Batch
+from ctrkit.data.schema import Schema
+from ctrkit.errors import ConfigError
+from ctrkit.models.base import FieldEmbeddings, dense_width
+from ctrkit.models.layers import MLP, fm_interaction
+from ctrkit.models.registry import register_model
+
+
+class _FirstOrder(nn.Module):
+    """Bias + one weight per categorical id + a linear term on dense features."""
+
+    def __init__(self, schema: Schema) -> None:
+        super().__init__()
+        self.weights = FieldEmbeddings(schema, 1, suffix="__w", init_std=1e-4) if schema.sparse else None
+        self.dense = nn.Linear(dense_width(schema), 1) if schema.dense else None
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        out = self.bias.expand(batch.size)
+        if self.weights is not None:
+            out = out + self.weights(batch)[1].sum(dim=(1, 2))
+        if self.dense is not None:
+            out = out + self.dense(batch.dense).squeeze(1)
+        return out
+
+
+@register_model("lr")
+class LogisticRegression(nn.Module):
+    """Logistic regression on one-hot categorical ids and dense features."""
+
+    def __init__(self, schema: Schema) -> None:
+        super().__init__()
+        self.linear = _FirstOrder(schema)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.linear(batch)
+
+
+@register_model("fm")
+class FM(nn.Module):
+    """Factorization machine: first order + pairwise interactions of field embeddings."""
+
+    def __init__(self, schema: Schema, embedding_dim: int = 16, init_std: float = 1e-4) -> None:
+        super().__init__()
+        if not schema.sparse:
+            raise ConfigError("model fm needs categorical features")
+        self.linear = _FirstOrder(schema)
+        self.embedding = FieldEmbeddings(schema, embedding_dim, init_std=init_std)
+        self.dim = embedding_dim
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        e = self.embedding(batch)[self.dim]
+        return self.linear(batch) + fm_interaction(e)
+
+
+@register_model("deepfm")
+class DeepFM(nn.Module):
+    """DeepFM (Guo et al. 2017): first order + FM over field embeddings + MLP over embeddings and
+    dense features, all sharing the embeddings. Features with an overridden dimension
+    (`embedding_dims`) feed the MLP only: FM needs one common dimension."""
+
+    def __init__(self, schema: Schema, embedding_dim: int = 16,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.0,
+                 batch_norm: bool = False, embedding_dims: Optional[Mapping[str, int]] = None,
+                 init_std: float = 1e-4) -> None:
+        super().__init__()
+        if not schema.sparse:
+            raise ConfigError("model deepfm needs categorical features")
+        self.linear = _FirstOrder(schema)
+        self.embedding = FieldEmbeddings(schema, embedding_dim, embedding_dims, init_std=init_std)
+        self.dim = embedding_dim
+        width = sum(d * len(names) for d, names in self.embedding.groups.items()) + dense_width(schema)
+        self.mlp = MLP(width, list(hidden_units), 1, dropout=dropout, batch_norm=batch_norm)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        groups = self.embedding(batch)
+        b = batch.size
+        parts = [groups[d].reshape(b, -1) for d in sorted(groups)]
+        if batch.dense.shape[1]:
+            parts.append(batch.dense)
+        deep = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        fm = fm_interaction(groups[self.dim]) if self.dim in groups else 0.0
+        return self.linear(batch) + fm + deep

@@ -1,0 +1,46 @@
+"""Optimizers from config: row-sparse lazy optimizer for embedding tables, a dense one for the rest."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+from ctrkit.config import OptimizerConfig
+from ctrkit.models.embedding import BatchedEmbeddingBags
+from ctrkit.optim.sparse import RowSparseAdagrad, RowSparseAdam, RowSparseSGD
+
+
+def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(embedding-table weights with row-sparse gradients, all other parameters)."""
+    sparse = [m.weight for m in model.modules() if isinstance(m, BatchedEmbeddingBags)]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    return sparse, dense
+
+
+def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> List[torch.optim.Optimizer]:
+    sparse, dense = split_parameters(model)
+    opts: List[torch.optim.Optimizer] = []
+    if dense:
+        d = cfg.dense
+        if d.name in ("adam", "adamw"):
+            cls = torch.optim.AdamW if d.name == "adamw" else torch.optim.Adam
+            opts.append(cls(dense, lr=d.lr, betas=tuple(d.betas), eps=d.eps,
+                            weight_decay=d.weight_decay, fused=True))
+        elif d.name == "sgd":
+            opts.append(torch.optim.SGD(dense, lr=d.lr, weight_decay=d.weight_decay))
+        else:
+            opts.append(torch.optim.Adagrad(dense, lr=d.lr, weight_decay=d.weight_decay, eps=d.eps))
+    if sparse:
+        s = cfg.sparse
+        if s.name in ("adam", "amsgrad"):
+            opts.append(RowSparseAdam(sparse, lr=s.lr, betas=tuple(s.betas), eps=s.eps,
+                                      weight_decay=s.weight_decay, amsgrad=s.name == "amsgrad",
+                                      rowwise=s.rowwise))
+        elif s.name in ("rowwise_adagrad", "adagrad"):
+            opts.append(RowSparseAdagrad(sparse, lr=s.lr, eps=s.eps, weight_decay=s.weight_decay,
+                                         rowwise=s.name == "rowwise_adagrad"))
+        else:
+            opts.append(RowSparseSGD(sparse, lr=s.lr, weight_decay=s.weight_decay))
+    return opts

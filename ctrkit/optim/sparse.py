@@ -1,0 +1,121 @@
+"""Row-sparse ("lazy") optimizers for flat embedding weights with sparse COO gradients.
+
+A batch touches a few thousand of millions of rows, so a step must cost O(rows touched): state
+(first/second moments, AMSGrad max, Adagrad sums) is read and written only on the rows the batch
+used, for *all* tables at once (they share one flat weight), with the moments of a row stored side by
+side so one gather and one scatter move them all. Weight decay applies to touched rows only. Bias
+correction uses the global step, as TensorFlow's LazyAdam does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Tuple
+
+import torch
+from torch.optim import Optimizer
+
+
+def rows_and_grads(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unique touched rows and their summed gradient rows (a copy, safe to modify)."""
+    if not grad.is_sparse:
+        raise RuntimeError("row-sparse optimizers need sparse gradients (see BatchedEmbeddingBags)")
+    if grad.is_coalesced():
+        return grad._indices()[0], grad._values().clone()
+    idx, vals = grad._indices()[0], grad._values()
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    return rows, vals.new_zeros(rows.numel(), vals.shape[1]).index_add_(0, inverse, vals)
+
+
+class RowSparseAdam(Optimizer):
+    """Lazy Adam / AMSGrad over touched rows; `rowwise=True` keeps one second moment per row.
+
+    State `moments` is [rows, D + Dv (+ Dv for AMSGrad)]: m, v and max(v) of a row side by side.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, rowwise: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, rowwise=rowwise))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.shape[1]
+                dv = 1 if group["rowwise"] else d
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.int64)
+                    width = d + dv * (2 if group["amsgrad"] else 1)
+                    state["moments"] = torch.zeros(p.shape[0], width, dtype=p.dtype)
+                state["step"] += 1
+                t = int(state["step"])
+                rows, g = rows_and_grads(p.grad)
+                if group["weight_decay"]:
+                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
+                mom = state["moments"].index_select(0, rows)
+                m, v = mom[:, :d], mom[:, d:d + dv]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                g2 = g.square_()
+                v.mul_(b2).add_(g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2, alpha=1 - b2)
+                if group["amsgrad"]:
+                    vmax = mom[:, d + dv:]
+                    torch.maximum(vmax, v, out=vmax)
+                    v = vmax
+                state["moments"].index_copy_(0, rows, mom)
+                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                denom = v.sqrt().add_(group["eps"] * math.sqrt(1 - b2 ** t))
+                p.index_add_(0, rows, m / denom, alpha=-step_size)
+        return None
+
+
+class RowSparseAdagrad(Optimizer):
+    """Lazy Adagrad over touched rows (`rowwise=True`: one accumulator per row, as fbgemm's)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 0.01, eps: float = 1e-8,
+                 weight_decay: float = 0.0, rowwise: bool = True) -> None:
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=rowwise))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    shape = (p.shape[0], 1) if group["rowwise"] else p.shape
+                    state["sum"] = torch.zeros(shape, dtype=p.dtype)
+                rows, g = rows_and_grads(p.grad)
+                if group["weight_decay"]:
+                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
+                g2 = g.square()
+                s = state["sum"].index_select(0, rows).add_(
+                    g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2)
+                state["sum"].index_copy_(0, rows, s)
+                p.index_add_(0, rows, g.div_(s.sqrt_().add_(group["eps"])), alpha=-group["lr"])
+        return None
+
+
+class RowSparseSGD(Optimizer):
+    """Plain SGD on touched rows (weight decay on touched rows only)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 0.01,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, g = rows_and_grads(p.grad)
+                if group["weight_decay"]:
+                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
+                p.index_add_(0, rows, g, alpha=-group["lr"])
+        return None

@@ -1,0 +1,81 @@
+"""Run logging: metrics.csv (one row per event, easy to plot), TensorBoard scalars, curves PNG."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+FIELDS = ["step", "epoch", "samples", "split", "loss", "auc", "logloss", "lr", "samples_per_s",
+          "wall_s"]
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, append: bool = False) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.csv"
+        new = not (append and self.path.exists())
+        self._f = open(self.path, "w" if new else "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=FIELDS)
+        if new:
+            self._w.writeheader()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = None
+
+    def log(self, row: Dict[str, object]) -> None:
+        self._w.writerow({k: row.get(k, "") for k in FIELDS})
+        self._f.flush()
+        if self._tb is not None:
+            split, step = row.get("split", "train"), int(row["step"])
+            for k in ("loss", "auc", "logloss", "lr", "samples_per_s"):
+                v = row.get(k)
+                if isinstance(v, (int, float)) and not math.isnan(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> List[Dict[str, str]]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
+    """Training loss and validation AUC/logloss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    out = out or Path(run_dir) / "curves.png"
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series = [("train", "loss", "training loss"), ("valid", "auc", "validation AUC"),
+              ("valid", "logloss", "validation logloss")]
+    for ax, (split, key, title) in zip(axes, series):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r["split"] == split and r[key]]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if split != "train" else None, ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
