@@ -36,6 +36,10 @@ def _print(obj: dict, as_json: bool) -> None:
         m = obj.get(split)
         if isinstance(m, dict):
             print(f"{split:5s}  AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  ({m['rows']} rows)")
+    ceiling = obj.get("ceiling_auc")
+    if isinstance(ceiling, dict) and ceiling:
+        print("ceiling AUC of the generating model: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in ceiling.items()))
     if "samples_per_s" in obj:
         print(f"trained on {obj['samples']} samples in {obj['wall_seconds']:.1f} s "
               f"({obj['samples_per_s']:,.0f} samples/s); run folder {obj['run_dir']}")
@@ -124,10 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may sit anywhere on the line, also after options.
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = build_parser().parse_args([a for a in argv if a not in overrides])
     try:
         from ctrkit.config import load_config
-        config, overrides = _split_args(args.args)
+        config, _ = _split_args(args.args)
         if config is None and args.command == "demo":
             config = str(DEMO_CONFIG)
         cfg = load_config(config, overrides)

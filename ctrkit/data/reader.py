@@ -149,7 +149,8 @@ def _iter_parquet(path: Path, layout: Layout, stats: ReadStats) -> Iterator[pa.R
                 elif name in layout.numeric_sources:
                     col = pc.cast(col, pa.float64())
                 elif name in layout.string_sources:
-                    col = pc.cast(col, pa.string())
+                    col = pc.cast(col, pa.string())   # "" means missing, as in the CSV readers
+                    col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise DataError(path, f"cannot convert ({e})".splitlines()[0], field=name) from None
             if name == layout.label:

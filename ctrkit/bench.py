@@ -1,0 +1,184 @@
+"""`ctrkit bench throughput`: steady-state training step cost, peak memory, prepare speed.
+
+This host's CPU speed drifts several-fold within minutes, so every target is a *ratio* of variants
+measured in the same process with the variants alternated round by round (median over rounds):
+- full step (data loading included) / dense part alone (MLP + FM on a precomputed embedding tensor
+  of the same shape, with its Adam step);
+- full step with 10M embedding rows / full step with 10k rows (same data, ids folded into the tables);
+- `prepare` rows/s / pyarrow's plain CSV read rows/s of the same file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from ctrkit.config import Config
+from ctrkit.data.loader import Batch, BatchLoader
+from ctrkit.data.schema import Schema
+from ctrkit.errors import CtrkitError
+from ctrkit.models import build_model
+from ctrkit.models.layers import fm_interaction
+from ctrkit.optim.build import build_optimizers
+
+
+def _fold(batch: Batch, rows_per_table: int) -> Batch:
+    """Same batch with ids folded into tables of `rows_per_table` rows."""
+    kjt = batch.sparse
+    from torchrec import KeyedJaggedTensor
+    folded = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values() % rows_per_table,
+                               lengths=kjt.lengths(), stride=kjt.stride())
+    return Batch(batch.dense, folded, batch.labels)
+
+
+def _schema_with_rows(schema: Schema, total_rows: int) -> Schema:
+    s = copy.deepcopy(schema)
+    per = max(2, total_rows // max(1, len(s.sparse)))
+    for f in s.sparse:
+        f.vocab_size = per
+    return s
+
+
+class _Variant:
+    def __init__(self, name: str, step, loader_iter=None) -> None:
+        self.name, self.step, self.it, self.times = name, step, loader_iter, []
+
+
+def _full_variant(cfg: Config, schema: Schema, total_rows: int, loader: BatchLoader) -> _Variant:
+    s = _schema_with_rows(schema, total_rows)
+    per = s.sparse[0].vocab_size
+    torch.manual_seed(0)
+    model = build_model(cfg.model, s)
+    opts = build_optimizers(model, cfg.optimizer)
+    state = {"it": iter(loader)}
+
+    def step() -> None:
+        try:
+            batch = next(state["it"])
+        except StopIteration:
+            loader.set_position(loader.epoch + 1)
+            state["it"] = iter(loader)
+            batch = next(state["it"])
+        batch = _fold(batch, per)
+        loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        loss.backward()
+        for o in opts:
+            o.step()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+    return _Variant(f"full_{total_rows}_rows", step)
+
+
+def _dense_variant(cfg: Config, schema: Schema, batch_size: int) -> _Variant:
+    """DeepFM's dense part alone on a precomputed embedding tensor of the same shape."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, _schema_with_rows(schema, 10_000))
+    mlp = model.mlp
+    n_fields, dim = len(schema.sparse), model.dim
+    emb = torch.randn(batch_size, n_fields, dim) * 0.01
+    dense = torch.randn(batch_size, len(schema.dense))
+    labels = (torch.rand(batch_size) < 0.25).float()
+    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, fused=True)
+
+    def step() -> None:
+        x = torch.cat([emb.reshape(batch_size, -1), dense], dim=1)
+        logits = mlp(x).squeeze(1) + fm_interaction(emb)
+        F.binary_cross_entropy_with_logits(logits, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _Variant("dense_only", step)
+
+
+def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_per_round: int,
+                  small_rows: int = 10_000, big_rows: int = 10_000_000) -> Dict[str, object]:
+    torch.set_num_threads(threads)
+    bs = cfg.train.batch_size
+    loader = BatchLoader(schema, "train", bs, shuffle=True, seed=0, drop_last=True, prefetch=4)
+    variants = [_dense_variant(cfg, schema, bs), _full_variant(cfg, schema, small_rows, loader),
+                _full_variant(cfg, schema, big_rows, loader)]
+    for v in variants:   # warm-up (allocations, lazy state)
+        for _ in range(2):
+            v.step()
+    for _ in range(rounds):
+        for v in variants:
+            t = time.perf_counter()
+            for _ in range(steps_per_round):
+                v.step()
+            v.times.append((time.perf_counter() - t) / steps_per_round)
+    med = {v.name: statistics.median(v.times) for v in variants}
+    ratios_dense = [a / b for a, b in zip(variants[1].times, variants[0].times)]
+    ratios_big = [a / b for a, b in zip(variants[2].times, variants[1].times)]
+    return {
+        "threads": threads,
+        "step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
+        "samples_per_s": {k: round(bs / v) for k, v in med.items()},
+        "full_over_dense": round(statistics.median(ratios_dense), 3),
+        "big_over_small_tables": round(statistics.median(ratios_big), 3),
+        "rounds": rounds, "steps_per_round": steps_per_round,
+    }
+
+
+def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 2) -> Dict[str, object]:
+    """prepare (vocab + encode + write, train split only) vs pyarrow's plain CSV read, alternated."""
+    import shutil
+
+    import pyarrow.csv as pacsv
+
+    from ctrkit.data.preprocess import prepare, split_files
+    path = split_files(cfg.data.train)[0]
+    delim = "\t" if cfg.data.format == "criteo_tsv" else ","
+    rows = 0
+    t_read, t_prep = [], []
+    for r in range(rounds):
+        t = time.perf_counter()
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+                               parse_options=pacsv.ParseOptions(delimiter=delim))
+        t_read.append(time.perf_counter() - t)
+        rows = table.num_rows
+        del table
+        pdir = out_dir / f"prepare_bench_{r}"
+        c = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "valid": None, "test": None, "prepared_dir": str(pdir), "overwrite": True})})
+        t = time.perf_counter()
+        prepare(c, progress=False)
+        t_prep.append(time.perf_counter() - t)
+        shutil.rmtree(pdir, ignore_errors=True)
+    ratios = [a / b for a, b in zip(t_read, t_prep)]
+    return {"file": str(path), "rows": rows,
+            "pyarrow_read_rows_per_s": round(rows / statistics.median(t_read)),
+            "prepare_rows_per_s": round(rows / statistics.median(t_prep)),
+            "prepare_over_read": round(statistics.median(ratios), 3)}
+
+
+def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
+    if what != "throughput":
+        raise CtrkitError(f"unknown benchmark '{what}'")
+    from ctrkit.train.trainer import load_or_prepare
+    if not cfg.data.train:
+        raise CtrkitError("bench throughput needs a data config (e.g. configs/bench_throughput.yaml)")
+    schema = load_or_prepare(cfg, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path("bench/out/throughput.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rounds = int(os.environ.get("CTRKIT_BENCH_ROUNDS", "7"))
+    steps = int(os.environ.get("CTRKIT_BENCH_STEPS", "3"))
+    result: Dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "batch_size": cfg.train.batch_size,
+        "model": cfg.model.model_dump(), "sparse_optimizer": cfg.optimizer.sparse.name,
+        "tables": len(schema.sparse), "train_rows": schema.splits["train"].rows_written,
+        "steps": [measure_steps(cfg, schema, t, rounds, steps) for t in (1, 2)],
+    }
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["prepare"] = measure_prepare(cfg, out.parent)
+    out.write_text(json.dumps(result, indent=1))
+    result["written_to"] = str(out)
+    return result

@@ -1,0 +1,46 @@
+import pytest
+
+from ctrkit.config import load_config
+from ctrkit.errors import ConfigError
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["model.embedding_dim=32", "train.batch_size=128",
+                             "model.hidden_units=[64,32]", "optimizer.sparse.name=amsgrad"])
+    assert cfg.model.model_extra["embedding_dim"] == 32
+    assert cfg.model.model_extra["hidden_units"] == [64, 32]
+    assert cfg.train.batch_size == 128
+    assert cfg.optimizer.sparse.name == "amsgrad"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.batchsize=3", "unknown key 'train.batchsize'"),
+    ("train.batch_size=abc", "train.batch_size"),
+    ("optimizer.sparse.name=lion", "optimizer.sparse.name"),
+    ("train.epochs=0", "train.epochs"),
+    ("nonsense", "key=value"),
+])
+def test_bad_overrides(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_paths_resolve_against_config_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "c.yaml"
+    p.write_text("data: {train: ../raw/train.tsv, prepared_dir: prep}\n")
+    cfg = load_config(p)
+    assert cfg.data.train == str(tmp_path / "raw" / "train.tsv")
+    assert cfg.data.prepared_dir == str(tmp_path / "sub" / "prep")
+
+
+def test_generic_format_requires_features():
+    with pytest.raises(ConfigError, match="data.features is required"):
+        load_config(None, ["data.format=csv"])
