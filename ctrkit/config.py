@@ -64,6 +64,14 @@ class SparseOptConfig(_Strict):
     betas: List[float] = [0.9, 0.999]
     eps: float = Field(default=1e-8, gt=0)
     rowwise: bool = False   # adam/amsgrad: one second-moment scalar per row
+    fused: bool = False     # fbgemm TBE with the update fused into backward (rowwise_adagrad, adagrad, sgd)
+
+    @model_validator(mode="after")
+    def _fused_needs_fbgemm_optimizer(self) -> "SparseOptConfig":
+        if self.fused and self.name not in ("rowwise_adagrad", "adagrad", "sgd"):
+            raise ValueError(f"fused=true needs rowwise_adagrad, adagrad or sgd: fbgemm's CPU "
+                             f"kernels have no '{self.name}'")
+        return self
 
 
 class DenseOptConfig(_Strict):

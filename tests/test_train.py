@@ -60,9 +60,10 @@ def test_per_feature_embedding_dims(make_cfg):
     assert model(batch).shape == (32,)
 
 
-@pytest.mark.parametrize("sparse_opt", ["adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("sparse_opt", ["adam", "rowwise_adagrad", "rowwise_adagrad optimizer.sparse.fused=true"])
 def test_resume_gives_the_same_parameters(make_cfg, tmp_path, sparse_opt):
-    common = (f"optimizer.sparse.name={sparse_opt}", "model.dropout=0.3", "model.hidden_units=[32,16]")
+    common = (*f"optimizer.sparse.name={sparse_opt}".split(), "model.dropout=0.3",
+              "model.hidden_units=[32,16]")
     train_kw = {"batch_size": 512, "epochs": 2, "eval_every": 5, "shuffle": True}
     full = make_cfg(CRITEO_DATA, *common, f"train.run_dir={tmp_path / 'full'}", train=train_kw)
     train(full)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ctrkit.config import OptimizerConfig
 from ctrkit.models.embedding import BatchedEmbeddingBags
+from ctrkit.models.fused import FusedEmbeddingBags
 from ctrkit.optim.sparse import RowSparseAdagrad, RowSparseAdam, RowSparseSGD
 
 
@@ -15,6 +16,8 @@ def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Para
     """(embedding-table weights with row-sparse gradients, all other parameters)."""
     sparse = [m.weight for m in model.modules() if isinstance(m, BatchedEmbeddingBags)]
     ids = {id(p) for p in sparse}
+    # fbgemm TBE modules update themselves inside backward: no optimizer owns their tensors.
+    ids |= {id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBags) for p in m.parameters()}
     dense = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     return sparse, dense
 

@@ -21,6 +21,7 @@ from ctrkit.data.loader import BatchLoader
 from ctrkit.data.schema import SCHEMA_FILE, Schema
 from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
+from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
 from ctrkit.optim.build import build_optimizers
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctrkit.train.evaluate import evaluate_split
@@ -50,6 +51,14 @@ def load_or_prepare(cfg: Config, progress: bool) -> Schema:
     return Schema.load(root)
 
 
+def build_training_model(cfg: Config, schema: Schema) -> nn.Module:
+    """The configured model, with fbgemm's fused TBE swapped in when `optimizer.sparse.fused`."""
+    model = build_model(cfg.model, schema)
+    if cfg.optimizer.sparse.fused:
+        fuse_embeddings(model, cfg.optimizer.sparse)
+    return model
+
+
 def _prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.train.run_dir)
     if cfg.train.resume:
@@ -74,7 +83,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         random.seed(tc.seed)
-        self.model = build_model(cfg.model, schema)
+        self.model = build_training_model(cfg, schema)
         self.optimizers = build_optimizers(self.model, cfg.optimizer)
         mode = "max" if tc.early_stop.monitor == "valid_auc" else "min"
         self.mode = mode
@@ -113,6 +122,7 @@ class Trainer:
                   "stopped_early", "train_seconds"):
             setattr(self, k, st[k])
         set_rng_state(st["rng"])
+        self._sync_fused_lr()
 
     def save(self, name: str) -> None:
         save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
@@ -150,10 +160,20 @@ class Trainer:
             self.bad_evals += 1
         for s in self.schedulers:
             s.step(value)
+        self._sync_fused_lr()
         stop = tc.early_stop.enabled and self.bad_evals >= tc.early_stop.patience
         self.stopped_early = self.stopped_early or stop
         self.save(LAST)
         return stop
+
+    def _sync_fused_lr(self) -> None:
+        """LR-on-plateau scales fused tables' learning rate by the same factor as the dense one."""
+        if not self.optimizers:
+            return
+        scale = self._lr() / self.cfg.optimizer.dense.lr
+        for m in self.model.modules():
+            if isinstance(m, FusedEmbeddingBags):
+                m.set_learning_rate(self.cfg.optimizer.sparse.lr * scale)
 
     def fit(self, logger: RunLogger) -> None:
         tc = self.cfg.train
@@ -260,7 +280,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
         path = run_dir / "checkpoints" / LAST
     if not path.is_file():
         raise CtrkitError(f"{path}: checkpoint not found")
-    model = build_model(cfg.model, schema)
+    model = build_training_model(cfg, schema)
     try:
         model.load_state_dict(load_checkpoint(path)["model"])
     except RuntimeError as e:

@@ -1,0 +1,73 @@
+"""fbgemm's table-batched embedding (TBE) with the optimizer fused into backward.
+
+The fast path where fbgemm's CPU optimizers fit (row-wise Adagrad, Adagrad, SGD — its CPU build has
+no Adam): one kernel looks up all tables and one kernel updates the touched rows during backward,
+so no gradient tensor is materialised at all. `fuse_embeddings` swaps it in for a model's
+`BatchedEmbeddingBags`, starting from their weights.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from ctrkit.config import SparseOptConfig
+from ctrkit.models.embedding import BatchedEmbeddingBags
+
+FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+class FusedEmbeddingBags(nn.Module):
+    """Same interface as `BatchedEmbeddingBags` (`forward(kjt) -> [B, T, D]`), fused update."""
+
+    def __init__(self, source: BatchedEmbeddingBags, opt: SparseOptConfig) -> None:
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, EmbeddingLocation, SplitTableBatchedEmbeddingBagsCodegen)
+        kind = {"rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                "adagrad": EmbOptimType.EXACT_ADAGRAD, "sgd": EmbOptimType.EXACT_SGD}[opt.name]
+        self.tables = source.tables
+        self.feature_names = source.feature_names
+        self.embedding_dim = source.embedding_dim
+        self._select = source._select
+        specs = [(t.num_embeddings, t.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU)
+                 for t in source.tables]
+        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=specs, optimizer=kind, learning_rate=opt.lr, eps=opt.eps,
+            weight_decay=opt.weight_decay, device=torch.device("cpu"),
+            pooling_mode=PoolingMode.SUM if source.mode == "sum" else PoolingMode.MEAN)
+        with torch.no_grad():
+            for i, w in enumerate(self.tbe.split_embedding_weights()):
+                w.copy_(source.table_weight(i))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        kjt = self._select(kjt)
+        out = self.tbe(kjt.values().to(torch.int64), kjt.offsets().to(torch.int64))
+        return out.view(kjt.stride(), len(self.tables), self.embedding_dim)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.tbe.set_learning_rate(lr)
+
+    def table_weight(self, i: int) -> torch.Tensor:
+        return self.tbe.split_embedding_weights()[i]
+
+
+def fuse_embeddings(model: nn.Module, opt: SparseOptConfig) -> nn.Module:
+    """Replace the model's BatchedEmbeddingBags by FusedEmbeddingBags (in place).
+
+    fbgemm's TBE needs dimensions that are multiples of 4; other tables (e.g. first-order weights of
+    dimension 1) stay row-sparse and get the same optimizer from `build_optimizers`.
+    """
+    replace: Dict[str, BatchedEmbeddingBags] = {
+        n: m for n, m in model.named_modules()
+        if isinstance(m, BatchedEmbeddingBags) and m.embedding_dim % 4 == 0}
+    for name, module in replace.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FusedEmbeddingBags(module, opt)) if not isinstance(parent, nn.ModuleDict) \
+            else parent.__setitem__(child, FusedEmbeddingBags(module, opt))
+    return model
