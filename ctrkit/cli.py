@@ -16,16 +16,11 @@ from ctrkit.errors import CtrkitError
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def _split_args(items: Sequence[str]) -> tuple:
-    config, overrides = None, []
-    for it in items:
-        if "=" in it:
-            overrides.append(it)
-        elif config is None:
-            config = it
-        else:
-            raise CtrkitError(f"unexpected argument '{it}' (overrides look like key=value)")
-    return config, overrides
+def _config_path(items: Sequence[str]) -> Optional[str]:
+    """The one positional argument that is not an override: the config file."""
+    if len(items) > 1:
+        raise CtrkitError(f"unexpected argument '{items[1]}' (overrides look like key=value)")
+    return items[0] if items else None
 
 
 def _print(obj: dict, as_json: bool) -> None:
@@ -75,18 +70,16 @@ def cmd_eval(cfg, args) -> dict:
 
 def cmd_demo(cfg, args) -> dict:
     """synth -> prepare -> train -> eval on data the project generates itself."""
-    from pathlib import Path as _P
-
     from ctrkit.data.preprocess import prepare
     from ctrkit.data.synth import write_synthetic
     from ctrkit.train.trainer import evaluate, train
     s = cfg.synth
-    if not (_P(s.out_dir) / "meta.json").is_file():
+    if not (Path(s.out_dir) / "meta.json").is_file():
         write_synthetic(s.out_dir, s.rows, s.valid_rows, s.test_rows, seed=s.seed,
                         pos_rate=s.pos_rate, card_scale=s.card_scale, max_card=s.max_card,
                         progress=not args.quiet)
-    meta = json.loads((_P(s.out_dir) / "meta.json").read_text())
-    if not (_P(cfg.data.prepared_dir) / "schema.json").is_file():
+    meta = json.loads((Path(s.out_dir) / "meta.json").read_text())
+    if not (Path(cfg.data.prepared_dir) / "schema.json").is_file():
         prepare(cfg, progress=not args.quiet)
     tc = cfg.train.model_copy(update={"overwrite": True, "resume": False})
     result = train(cfg.model_copy(update={"train": tc}), progress=False if args.quiet else None)
@@ -134,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args([a for a in argv if a not in overrides])
     try:
         from ctrkit.config import load_config
-        config, _ = _split_args(args.args)
+        config = _config_path(args.args)
         if config is None and args.command == "demo":
             config = str(DEMO_CONFIG)
         cfg = load_config(config, overrides)
