@@ -64,6 +64,7 @@ class SparseOptConfig(_Strict):
     betas: List[float] = [0.9, 0.999]
     eps: float = Field(default=1e-8, gt=0)
     rowwise: bool = False   # adam/amsgrad: one second-moment scalar per row
+    lr_overrides: Dict[str, float] = {}   # {module-path prefix: lr}, e.g. {linear: 1.0e-2}
     fused: bool = False     # fbgemm TBE with the update fused into backward (rowwise_adagrad, adagrad, sgd)
 
     @model_validator(mode="after")

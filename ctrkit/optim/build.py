@@ -1,15 +1,30 @@
 """Optimizers from config: row-sparse lazy optimizer for embedding tables, a dense one for the rest."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from ctrkit.config import OptimizerConfig
+from ctrkit.errors import ConfigError
 from ctrkit.models.embedding import BatchedEmbeddingBags
 from ctrkit.models.fused import FusedEmbeddingBags
 from ctrkit.optim.sparse import RowSparseAdagrad, RowSparseAdam, RowSparseSGD
+
+
+def _sparse_groups(model: nn.Module, base_lr: float, overrides: Dict[str, float]) -> List[dict]:
+    """One param group per learning rate: tables under a module path in `overrides` get its lr."""
+    names = [n for n, m in model.named_modules()]
+    unknown = [k for k in overrides if not any(n == k or n.startswith(k + ".") for n in names)]
+    if unknown:
+        raise ConfigError(f"optimizer.sparse.lr_overrides: no module named '{unknown[0]}' in the model")
+    groups: Dict[float, List[nn.Parameter]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BatchedEmbeddingBags):
+            lr = next((v for k, v in overrides.items() if name == k or name.startswith(k + ".")), base_lr)
+            groups.setdefault(lr, []).append(m.weight)
+    return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
 def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
@@ -37,6 +52,7 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> List[torch.optim
             opts.append(torch.optim.Adagrad(dense, lr=d.lr, weight_decay=d.weight_decay, eps=d.eps))
     if sparse:
         s = cfg.sparse
+        sparse = _sparse_groups(model, s.lr, s.lr_overrides)
         if s.name in ("adam", "amsgrad"):
             opts.append(RowSparseAdam(sparse, lr=s.lr, betas=tuple(s.betas), eps=s.eps,
                                       weight_decay=s.weight_decay, amsgrad=s.name == "amsgrad",
