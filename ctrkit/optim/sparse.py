@@ -26,7 +26,27 @@ def rows_and_grads(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return rows, vals.new_zeros(rows.numel(), vals.shape[1]).index_add_(0, inverse, vals)
 
 
-class RowSparseAdam(Optimizer):
+class _RowSparseOptimizer(Optimizer):
+    """Shared loop: per parameter, the touched rows and their (weight-decayed) gradient rows."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, g = rows_and_grads(p.grad)
+                if group["weight_decay"]:
+                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
+                self._update(p, group, self.state[p], rows, g)
+        return None
+
+    def _update(self, p: torch.Tensor, group: dict, state: dict, rows: torch.Tensor,
+                g: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class RowSparseAdam(_RowSparseOptimizer):
     """Lazy Adam / AMSGrad over touched rows; `rowwise=True` keeps one second moment per row.
 
     State `moments` is [rows, D + Dv (+ Dv for AMSGrad)]: m, v and max(v) of a row side by side.
@@ -38,84 +58,55 @@ class RowSparseAdam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, rowwise=rowwise))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.shape[1]
-                dv = 1 if group["rowwise"] else d
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.int64)
-                    width = d + dv * (2 if group["amsgrad"] else 1)
-                    state["moments"] = torch.zeros(p.shape[0], width, dtype=p.dtype)
-                state["step"] += 1
-                t = int(state["step"])
-                rows, g = rows_and_grads(p.grad)
-                if group["weight_decay"]:
-                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
-                mom = state["moments"].index_select(0, rows)
-                m, v = mom[:, :d], mom[:, d:d + dv]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                g2 = g.square_()
-                v.mul_(b2).add_(g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2, alpha=1 - b2)
-                if group["amsgrad"]:
-                    vmax = mom[:, d + dv:]
-                    torch.maximum(vmax, v, out=vmax)
-                    v = vmax
-                state["moments"].index_copy_(0, rows, mom)
-                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                denom = v.sqrt().add_(group["eps"] * math.sqrt(1 - b2 ** t))
-                p.index_add_(0, rows, m / denom, alpha=-step_size)
-        return None
+    def _update(self, p, group, state, rows, g) -> None:
+        b1, b2 = group["betas"]
+        d = p.shape[1]
+        dv = 1 if group["rowwise"] else d
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            width = d + dv * (2 if group["amsgrad"] else 1)
+            state["moments"] = torch.zeros(p.shape[0], width, dtype=p.dtype)
+        state["step"] += 1
+        t = int(state["step"])
+        mom = state["moments"].index_select(0, rows)
+        m, v = mom[:, :d], mom[:, d:d + dv]
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        g2 = g.square_()
+        v.mul_(b2).add_(g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2, alpha=1 - b2)
+        if group["amsgrad"]:
+            vmax = mom[:, d + dv:]
+            torch.maximum(vmax, v, out=vmax)
+            v = vmax
+        state["moments"].index_copy_(0, rows, mom)
+        step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        denom = v.sqrt().add_(group["eps"] * math.sqrt(1 - b2 ** t))
+        p.index_add_(0, rows, m / denom, alpha=-step_size)
 
 
-class RowSparseAdagrad(Optimizer):
+class RowSparseAdagrad(_RowSparseOptimizer):
     """Lazy Adagrad over touched rows (`rowwise=True`: one accumulator per row, as fbgemm's)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 0.01, eps: float = 1e-8,
                  weight_decay: float = 0.0, rowwise: bool = True) -> None:
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=rowwise))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    shape = (p.shape[0], 1) if group["rowwise"] else p.shape
-                    state["sum"] = torch.zeros(shape, dtype=p.dtype)
-                rows, g = rows_and_grads(p.grad)
-                if group["weight_decay"]:
-                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
-                g2 = g.square()
-                s = state["sum"].index_select(0, rows).add_(
-                    g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2)
-                state["sum"].index_copy_(0, rows, s)
-                p.index_add_(0, rows, g.div_(s.sqrt_().add_(group["eps"])), alpha=-group["lr"])
-        return None
+    def _update(self, p, group, state, rows, g) -> None:
+        if not state:
+            shape = (p.shape[0], 1) if group["rowwise"] else p.shape
+            state["sum"] = torch.zeros(shape, dtype=p.dtype)
+        g2 = g.square()
+        s = state["sum"].index_select(0, rows).add_(
+            g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2)
+        state["sum"].index_copy_(0, rows, s)
+        p.index_add_(0, rows, g.div_(s.sqrt_().add_(group["eps"])), alpha=-group["lr"])
 
 
-class RowSparseSGD(Optimizer):
+class RowSparseSGD(_RowSparseOptimizer):
     """Plain SGD on touched rows (weight decay on touched rows only)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 0.01,
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, g = rows_and_grads(p.grad)
-                if group["weight_decay"]:
-                    g.add_(p.index_select(0, rows), alpha=group["weight_decay"])
-                p.index_add_(0, rows, g, alpha=-group["lr"])
-        return None
+    def _update(self, p, group, state, rows, g) -> None:
+        p.index_add_(0, rows, g, alpha=-group["lr"])
