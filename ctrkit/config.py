@@ -42,6 +42,7 @@ class DataConfig(_Strict):
     skip_bad_rows: bool = False              # count and skip malformed rows instead of failing
     shard_rows: int = Field(default=1_000_000, ge=1)
     read_block_mb: int = Field(default=16, ge=1)
+    read_whole_mb: int = Field(default=1024, ge=0)   # files up to this size are parsed in one parallel read
 
     @model_validator(mode="after")
     def _generic_needs_features(self) -> "DataConfig":

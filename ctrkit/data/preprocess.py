@@ -104,7 +104,8 @@ def _read_split(files: List[Path], cfg: DataConfig, stats: ReadStats, progress: 
     bar = tqdm(desc=f"prepare {desc}", unit=" rows", disable=not progress, mininterval=1.0)
     for path in files:
         layout = resolve_layout(cfg, path)
-        for batch in iter_batches(path, layout, cfg.read_block_mb, stats, cfg.skip_bad_rows):
+        for batch in iter_batches(path, layout, cfg.read_block_mb, stats, cfg.skip_bad_rows,
+                                  cfg.read_whole_mb):
             for f in layout.sparse:
                 d = pc.dictionary_encode(_sparse_column(batch, f))
                 idx = d.indices.to_numpy(zero_copy_only=False)
