@@ -34,13 +34,13 @@ def test_criteo_tsv_lapis(make_cfg):
     assert [f.name for f in s.sparse] == [f"C{i}" for i in range(1, 27)]
     assert [f.name for f in s.dense] == [f"I{i}" for i in range(1, 14)]
     sh = load_shard(s.root, s.splits["train"].shards[0])
-    assert sh.sparse.shape == (26, 7200) and sh.dense.shape == (13, 7200)
+    assert sh.sparse.shape == (7200, 26) and sh.dense.shape == (7200, 13)
     assert abs(sh.labels.mean() - 0.215) < 0.01
     # every id is inside its vocabulary; missing C values map to id 1
     for i, f in enumerate(s.sparse):
-        assert sh.sparse[i].max() < f.vocab_size
+        assert sh.sparse[:, i].max() < f.vocab_size
     c22 = [f.name for f in s.sparse].index("C22")
-    assert (sh.sparse[c22] == 1).any()
+    assert (sh.sparse[:, c22] == 1).any()
     assert (s.root / "vocab" / "C1.arrow").is_file()
 
 
@@ -85,7 +85,7 @@ def test_avazu_header_and_headerless(make_cfg):
     assert names[:3] == ["hour", "weekday", "weekend"] and "id" not in names and "click" not in names
     # all rows are 2014-10-21 00h (a Tuesday): one hour value, one weekday, not a weekend
     sh = load_shard(s.root, s.splits["train"].shards[0])
-    assert set(np.unique(sh.sparse[:3])) == {2}
+    assert set(np.unique(sh.sparse[:, :3])) == {2}
 
 
 def test_avazu_deepctr_sample(make_cfg):
@@ -120,5 +120,5 @@ def test_min_count_maps_rare_values_to_oov(make_cfg):
     s = prepare(cfg, progress=False)
     sh = load_shard(s.root, s.splits["train"].shards[0])
     c3 = [f.name for f in s.sparse].index("C3")
-    assert (sh.sparse[c3] == 0).mean() > 0.3     # C3 is mostly rare hashes
+    assert (sh.sparse[:, c3] == 0).mean() > 0.3     # C3 is mostly rare hashes
     assert s.sparse[c3].vocab_size < 7200

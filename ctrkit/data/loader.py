@@ -46,6 +46,7 @@ class BatchLoader:
         self.shards = [load_shard(schema.root, s) for s in schema.splits[split].shards]
         self.epoch = 0
         self.start_batch = 0
+        self._ones: dict = {}
 
     def _slice(self, n: int) -> tuple:
         return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
@@ -89,15 +90,20 @@ class BatchLoader:
         return out
 
     def _make(self, parts: List[tuple]) -> Batch:
-        sparse = np.concatenate([self.shards[si].sparse[:, idx] for si, idx in parts], axis=1)
-        dense = np.concatenate([self.shards[si].dense[:, idx] for si, idx in parts], axis=1)
-        labels = np.concatenate([self.shards[si].labels[idx] for si, idx in parts])
+        if len(parts) == 1:
+            sh, idx = self.shards[parts[0][0]], parts[0][1]
+            sparse, dense, labels = sh.sparse[idx], sh.dense[idx], sh.labels[idx]
+        else:
+            sparse = np.concatenate([self.shards[si].sparse[idx] for si, idx in parts])
+            dense = np.concatenate([self.shards[si].dense[idx] for si, idx in parts])
+            labels = np.concatenate([self.shards[si].labels[idx] for si, idx in parts])
         b = labels.shape[0]
-        kjt = KeyedJaggedTensor(keys=self.keys,
-                                values=torch.from_numpy(sparse.reshape(-1).astype(np.int64)),
-                                lengths=torch.ones(len(self.keys) * b, dtype=torch.int32),
-                                stride=b)
-        return Batch(torch.from_numpy(np.ascontiguousarray(dense.T)), kjt, torch.from_numpy(labels))
+        lengths = self._ones.get(b)
+        if lengths is None:
+            lengths = self._ones[b] = torch.ones(len(self.keys) * b, dtype=torch.int32)
+        values = torch.from_numpy(sparse.T.astype(np.int64).reshape(-1))   # table-major, as KJT wants
+        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
+        return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self._order()[self.start_batch:]

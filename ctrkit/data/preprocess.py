@@ -213,8 +213,9 @@ def prepare(cfg: Config, progress: bool = True) -> Schema:
                     remap = _lookup(values, vocabs[f.name][0])
                 sparse_cols.append(_final_ids(gids, remap))
                 enc.local[f.name] = enc.dicts[f.name] = []   # free memory early
-            sparse = np.stack(sparse_cols) if sparse_cols else np.zeros((0, enc.rows), np.int32)
-            dense = (np.concatenate(enc.dense).T if enc.dense else np.zeros((0, enc.rows), np.float32))
+            sparse = (np.stack(sparse_cols, axis=1) if sparse_cols
+                      else np.zeros((enc.rows, 0), np.int32))
+            dense = np.concatenate(enc.dense) if enc.dense else np.zeros((enc.rows, 0), np.float32)
             labels = np.concatenate(enc.labels) if enc.labels else np.zeros(0, np.float32)
             shards = write_shards(tmp, split, sparse, dense, labels, dc.shard_rows)
             stats.rows_written = int(labels.shape[0])

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from ctrkit.errors import CtrkitError
 
 SCHEMA_FILE = "schema.json"
+LAYOUT_VERSION = 2   # 2: row-major shards ([rows, features])
 OOV_ID, MISSING_ID = 0, 1   # every categorical vocabulary starts with these two ids
 
 
@@ -40,7 +41,7 @@ class Schema:
     features: List[FeatureInfo]
     splits: Dict[str, SplitInfo]
     seconds: float = 0.0
-    version: int = 1
+    version: int = LAYOUT_VERSION
     root: Optional[Path] = None
 
     @property
@@ -65,7 +66,11 @@ class Schema:
         if not path.is_file():
             raise CtrkitError(f"{path}: not found; run `ctrkit prepare` first")
         d = json.loads(path.read_text())
+        if d.get("version", 1) != LAYOUT_VERSION:
+            raise CtrkitError(f"{path}: written by another ctrkit version (shard layout "
+                              f"{d.get('version', 1)}, need {LAYOUT_VERSION}); run prepare again "
+                              "with data.overwrite=true")
         return cls(format=d["format"], label=d["label"],
                    features=[FeatureInfo(**f) for f in d["features"]],
                    splits={k: SplitInfo(**v) for k, v in d["splits"].items()},
-                   seconds=d.get("seconds", 0.0), version=d.get("version", 1), root=Path(folder))
+                   seconds=d.get("seconds", 0.0), version=d["version"], root=Path(folder))

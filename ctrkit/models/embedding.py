@@ -70,25 +70,28 @@ class BatchedEmbeddingBags(nn.Module):
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         kjt = self._select(kjt)
         idx = self.flat_indices(kjt)
-        offsets = kjt.offsets().to(torch.int64)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        t, b = len(self.tables), kjt.stride()
+        lengths = kjt.lengths()
+        # One id per bag (the usual CTR case): a plain gather in batch-major order, so the result
+        # is a contiguous [B, T, D] and its backward is an index_add (several times cheaper on CPU
+        # than embedding_bag's dense backward).
+        single = idx.numel() == t * b and bool((lengths == 1).all())
+        if single:
+            idx = idx.view(t, b).t().reshape(-1)
+        train = torch.is_grad_enabled() and self.weight.requires_grad
+        if train:
             # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
             # gradient (sorted unique rows), so optimizers skip the sort/merge of duplicates.
-            rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-            sub = self.weight.detach().index_select(0, rows).requires_grad_()
-            sub.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
-            pooled = self._pool(inverse, sub, kjt, offsets)
+            rows, idx = torch.unique(idx, sorted=True, return_inverse=True)
+            weight = self.weight.detach().index_select(0, rows).requires_grad_()
+            weight.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
         else:
-            pooled = self._pool(idx, self.weight, kjt, offsets)
-        return pooled.view(len(self.tables), kjt.stride(), self.embedding_dim).transpose(0, 1)
-
-    def _pool(self, idx: torch.Tensor, weight: torch.Tensor, kjt: KeyedJaggedTensor,
-              offsets: torch.Tensor) -> torch.Tensor:
-        # One id per bag (the usual CTR case) is a plain gather, whose backward (index_add) is
-        # several times cheaper on CPU than embedding_bag's dense backward.
-        if idx.numel() == kjt.lengths().numel() and bool((kjt.lengths() == 1).all()):
-            return weight.index_select(0, idx)
-        return F.embedding_bag(idx, weight, offsets, mode=self.mode, include_last_offset=True)
+            weight = self.weight
+        if single:
+            return weight.index_select(0, idx).view(b, t, self.embedding_dim)
+        pooled = F.embedding_bag(idx, weight, kjt.offsets().to(torch.int64), mode=self.mode,
+                                 include_last_offset=True)
+        return pooled.view(t, b, self.embedding_dim).transpose(0, 1)
 
     def _accumulate_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, self.weight.shape, is_coalesced=True,
