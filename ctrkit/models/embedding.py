@@ -45,6 +45,7 @@ class BatchedEmbeddingBags(nn.Module):
         rows = torch.tensor([t.num_embeddings for t in tables], dtype=torch.int64)
         self.register_buffer("row_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
         self.num_rows = int(rows.sum())
+        self._sizes = tuple(t.num_embeddings for t in tables)
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim))
         nn.init.normal_(self.weight, 0.0, init_std)
         self._perm_cache: Dict[tuple, List[int]] = {}
@@ -82,7 +83,7 @@ class BatchedEmbeddingBags(nn.Module):
         if train:
             # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
             # gradient (sorted unique rows), so optimizers skip the sort/merge of duplicates.
-            rows, idx = torch.unique(idx, sorted=True, return_inverse=True)
+            rows, idx = self._unique(kjt, idx, single)
             weight = self.weight.detach().index_select(0, rows).requires_grad_()
             weight.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
         else:
@@ -92,6 +93,18 @@ class BatchedEmbeddingBags(nn.Module):
         pooled = F.embedding_bag(idx, weight, kjt.offsets().to(torch.int64), mode=self.mode,
                                  include_last_offset=True)
         return pooled.view(t, b, self.embedding_dim).transpose(0, 1)
+
+    def _unique(self, kjt: KeyedJaggedTensor, idx: torch.Tensor, single: bool) -> tuple:
+        """Sorted touched rows and each id's position among them.
+
+        Modules whose tables have the same sizes and read the same batch (DeepFM's field
+        embeddings and first-order weights) share one `unique` through a cache on the batch.
+        """
+        cache = kjt.__dict__.setdefault("_ctrkit_unique", {})
+        key = (self._sizes, single)
+        if key not in cache:
+            cache[key] = torch.unique(idx, sorted=True, return_inverse=True)
+        return cache[key]
 
     def _accumulate_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, self.weight.shape, is_coalesced=True,
