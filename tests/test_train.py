@@ -81,3 +81,21 @@ def test_resume_gives_the_same_parameters(make_cfg, tmp_path, sparse_opt):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert r2.metrics["valid"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["valid"]
+
+
+def test_entry_point_models_are_found(monkeypatch):
+    """A plug-in package's `ctrkit.models` entry point makes its model selectable by name."""
+    import ctrkit.models.registry as reg
+    from ctrkit.models.zoo import LogisticRegression
+
+    class FakeEP:
+        name = "plugin_lr"
+
+        def load(self):
+            return LogisticRegression
+
+    monkeypatch.setattr(reg, "entry_points", lambda group: [FakeEP()] if group == "ctrkit.models" else [])
+    monkeypatch.delitem(reg._MODELS, "plugin_lr", raising=False)
+    assert reg.get_model_class("plugin_lr") is LogisticRegression
+    assert "plugin_lr" in reg.available_models()
+    reg._MODELS.pop("plugin_lr")

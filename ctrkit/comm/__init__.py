@@ -1,0 +1,1 @@
+"""Decentralized communication: gossip topologies, mixing weights and neighbour exchange."""
