@@ -124,6 +124,18 @@ class TrainConfig(_Strict):
     plot: bool = True
 
 
+class DistributedConfig(_Strict):
+    workers: int = Field(default=1, ge=1)   # >1: `ctrkit train` launches this many ranks (torchrun)
+    algorithm: Literal["local", "allreduce", "dpsgd", "damsgrad"] = "local"
+    topology: Literal["ring", "torus", "exponential", "complete", "edges"] = "ring"
+    edges: Optional[List[List[int]]] = None     # topology: edges
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(default=300.0, gt=0)   # a dead or hung peer ends the run after this
+    eps: float = Field(default=1e-8, gt=0)       # damsgrad: step uses m / sqrt(max(u, eps))
+    rowwise_tracker: bool = False                # damsgrad: one second moment per embedding row
+    max_restarts: int = Field(default=0, ge=0)   # torchrun restarts (resume from the last checkpoint)
+
+
 class SynthConfig(_Strict):
     out_dir: str = "data/synth"
     rows: int = Field(default=200_000, ge=1)
@@ -141,6 +153,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
     synth: SynthConfig = SynthConfig()
 
 

@@ -45,7 +45,10 @@ class NeighborExchange:
         ids = rows.to(self.id_dtype)
         buf = torch.cat([ids.view(torch.float32).reshape(-1), values.reshape(-1).to(torch.float32)])
         words_per_id = 1 if self.id_dtype == torch.int32 else 2
-        recvs = {j: torch.empty(int(sizes[j]) * (words_per_id + d), dtype=torch.float32)
+        # gloo cannot send empty tensors: an empty message is one padding word
+        if buf.numel() == 0:
+            buf = torch.zeros(1)
+        recvs = {j: torch.empty(max(1, int(sizes[j]) * (words_per_id + d)), dtype=torch.float32)
                  for j in self.neighbors}
         self._run({j: buf for j in self.neighbors}, recvs)
         out = {}

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 FIELDS = ["step", "epoch", "samples", "split", "loss", "auc", "logloss", "lr", "samples_per_s",
-          "wall_s"]
+          "wall_s", "auc_spread", "auc_min", "consensus_embedding", "consensus_dense",
+          "bytes_per_worker_step"]
 
 
 class RunLogger:
@@ -33,7 +34,7 @@ class RunLogger:
         self._f.flush()
         if self._tb is not None:
             split, step = row.get("split", "train"), int(row["step"])
-            for k in ("loss", "auc", "logloss", "lr", "samples_per_s"):
+            for k in FIELDS[4:]:
                 v = row.get(k)
                 if isinstance(v, (int, float)) and not math.isnan(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
@@ -42,6 +43,16 @@ class RunLogger:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, row: Dict[str, object]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, str]]:

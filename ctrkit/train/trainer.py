@@ -16,16 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import os
+
+import torch.distributed as dist
+
 from ctrkit.config import Config, dump_config
+from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, gather_floats, init_distributed,
+                                        launch_workers, launched_by_torchrun, network_average, shutdown)
 from ctrkit.data.loader import BatchLoader
 from ctrkit.data.schema import SCHEMA_FILE, Schema
-from ctrkit.errors import CtrkitError
+from ctrkit.errors import ConfigError, CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
 from ctrkit.optim.build import build_optimizers
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctrkit.train.evaluate import evaluate_split
-from ctrkit.train.logging import RunLogger, plot_curves, write_json
+from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, write_json
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -77,14 +83,33 @@ def _prepare_run_dir(cfg: Config) -> Path:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, schema: Schema, run_dir: Path) -> None:
-        self.cfg, self.schema, self.run_dir = cfg, schema, run_dir
-        tc = cfg.train
+    def __init__(self, cfg: Config, schema: Schema, run_dir: Path, env: DistEnv = DistEnv()) -> None:
+        self.cfg, self.schema, self.run_dir, self.env = cfg, schema, run_dir, env
+        tc, dc = cfg.train, cfg.distributed
+        # Same seed on every rank: replicas start identical, as gossip averaging assumes.
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         random.seed(tc.seed)
         self.model = build_training_model(cfg, schema)
-        self.optimizers = build_optimizers(self.model, cfg.optimizer)
+        self.algorithm = dc.algorithm if env.active else "local"
+        self.topology = None
+        self.exchange = None
+        self.comm_bytes = 0
+        if self.algorithm in ("dpsgd", "damsgrad"):
+            from ctrkit.comm.exchange import NeighborExchange
+            from ctrkit.comm.topology import build_topology
+            from ctrkit.optim.decentralized import DecentralizedOptimizer
+            self.topology = build_topology(dc.topology, env.world, dc.edges)
+            rows = max([m.num_rows for m in self.model.modules() if hasattr(m, "num_rows")] or [0])
+            self.exchange = NeighborExchange(env.rank, self.topology.neighbors[env.rank],
+                                             num_rows_hint=rows)
+            so = cfg.optimizer.sparse
+            self.optimizers = [DecentralizedOptimizer(
+                self.model, self.algorithm, self.topology, env.rank, self.exchange,
+                dense_lr=cfg.optimizer.dense.lr, sparse_lr=so.lr, betas=tuple(so.betas),
+                eps=dc.eps, rowwise=dc.rowwise_tracker)]
+        else:
+            self.optimizers = build_optimizers(self.model, cfg.optimizer)
         mode = "max" if tc.early_stop.monitor == "valid_auc" else "min"
         self.mode = mode
         pl = tc.lr_plateau
@@ -92,7 +117,8 @@ class Trainer:
             o, mode=mode, factor=pl.factor, patience=pl.patience, min_lr=pl.min_lr)
             for o in self.optimizers] if pl.enabled else []
         self.train_loader = BatchLoader(schema, "train", tc.batch_size, shuffle=tc.shuffle,
-                                        seed=tc.seed, prefetch=tc.prefetch)
+                                        seed=tc.seed, prefetch=tc.prefetch, rank=env.rank,
+                                        world_size=env.world)
         self.eval_loaders = {s: BatchLoader(schema, s, tc.eval_batch_size, prefetch=tc.prefetch)
                              for s in ("valid", "test") if s in schema.splits}
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
@@ -101,6 +127,11 @@ class Trainer:
         self.bad_evals = 0
         self.stopped_early = False
         self.train_seconds = 0.0
+        self.last_eval: Dict[str, float] = {}
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.comm_bytes + (self.exchange.bytes_sent if self.exchange else 0)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -110,7 +141,8 @@ class Trainer:
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples": self.samples, "best": self.best, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
-                "train_seconds": self.train_seconds, "rng": rng_state()}
+                "train_seconds": self.train_seconds, "rng": rng_state(),
+                "bytes_sent": self.bytes_sent}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -122,9 +154,16 @@ class Trainer:
                   "stopped_early", "train_seconds"):
             setattr(self, k, st[k])
         set_rng_state(st["rng"])
+        self.comm_bytes = st.get("bytes_sent", 0)
         self._sync_fused_lr()
 
+    def last_name(self) -> str:
+        """Every rank keeps its own resumable state; a single process uses last.pt."""
+        return f"last-rank{self.env.rank}.pt" if self.env.active else LAST
+
     def save(self, name: str) -> None:
+        if name == LAST:
+            name = self.last_name()
         save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
 
     # ------------------------------------------------------------------ loop
@@ -132,6 +171,9 @@ class Trainer:
         logits = self.model(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         loss.backward()
+        if self.algorithm == "allreduce":
+            from ctrkit.optim.decentralized import average_gradients
+            self.comm_bytes += average_gradients(self.model, self.env.world)
         for o in self.optimizers:
             o.step()
         for o in self.optimizers:
@@ -147,24 +189,51 @@ class Trainer:
         if "valid" not in self.eval_loaders:
             self.save(LAST)
             return False
-        m = evaluate_split(self.model, self.eval_loaders["valid"])
+        m, best_state = self._validate()
         logger.log({"step": self.step, "epoch": self.epoch, "samples": self.samples, "split": "valid",
-                    "auc": m["auc"], "logloss": m["logloss"], "lr": self._lr()})
+                    "auc": m["auc"], "logloss": m["logloss"], "lr": self._lr(),
+                    **{k: v for k, v in self.last_eval.items()}})
         value = m["auc"] if self.mode == "max" else m["logloss"]
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better and not math.isnan(value):
             self.best, self.best_step, self.bad_evals = value, self.step, 0
-            save_checkpoint(self.run_dir / "checkpoints" / BEST, {"model": self.model.state_dict(),
-                                                                  "step": self.step})
+            if self.env.is_main:
+                save_checkpoint(self.run_dir / "checkpoints" / BEST, {"model": best_state,
+                                                                      "step": self.step})
         else:
             self.bad_evals += 1
         for s in self.schedulers:
             s.step(value)
         self._sync_fused_lr()
-        stop = tc.early_stop.enabled and self.bad_evals >= tc.early_stop.patience
+        stop = broadcast_flag(tc.early_stop.enabled and self.bad_evals >= tc.early_stop.patience,
+                              self.env)
         self.stopped_early = self.stopped_early or stop
         self.save(LAST)
         return stop
+
+    def _validate(self) -> tuple:
+        """Validation metrics of the model to keep: this process's, or in a multi-rank run the
+        network-averaged model's (rank 0 evaluates it; every rank gets the same numbers)."""
+        if not self.env.active:
+            return evaluate_split(self.model, self.eval_loaders["valid"]), self.model.state_dict()
+        own = evaluate_split(self.model, self.eval_loaders["valid"])
+        aucs = gather_floats(own["auc"], self.env)
+        net = network_average(self.model, self.env)
+        vals = [0.0, 0.0]
+        if self.env.is_main:
+            mine = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(net["state"])
+            avg = evaluate_split(self.model, self.eval_loaders["valid"])
+            self.model.load_state_dict(mine)
+            vals = [avg["auc"], avg["logloss"]]
+        t = torch.tensor(vals, dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        steps = max(self.step, 1)
+        self.last_eval = {"auc_spread": max(aucs) - min(aucs), "auc_min": min(aucs),
+                          "consensus_embedding": net["consensus_embedding"],
+                          "consensus_dense": net["consensus_dense"],
+                          "bytes_per_worker_step": self.bytes_sent / steps}
+        return {"auc": float(t[0]), "logloss": float(t[1]), "rows": own["rows"]}, net["state"]
 
     def _sync_fused_lr(self) -> None:
         """LR-on-plateau scales fused tables' learning rate by the same factor as the dense one."""
@@ -184,7 +253,8 @@ class Trainer:
         stop = self.stopped_early or (tc.max_steps and self.step >= tc.max_steps)
         while not stop and self.epoch < tc.epochs:
             self.train_loader.set_position(self.epoch, self.batch_in_epoch)
-            bar = tqdm(total=steps_per_epoch, initial=self.batch_in_epoch, disable=not tc.progress,
+            bar = tqdm(total=steps_per_epoch, initial=self.batch_in_epoch,
+                       disable=not tc.progress or not self.env.is_main,
                        desc=f"epoch {self.epoch + 1}/{tc.epochs}", unit="step", mininterval=1.0,
                        dynamic_ncols=True)
             t_last, n_last, loss_sum, loss_n = time.perf_counter(), self.samples, 0.0, 0
@@ -228,32 +298,89 @@ class Trainer:
     def final_metrics(self) -> dict:
         """Reload the best checkpoint (when validation picked one) and evaluate valid and test."""
         best = self.run_dir / "checkpoints" / BEST
+        if self.env.active:
+            dist.barrier()
         if best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model"])
+        elif self.env.active:   # no validation split: report the network average
+            self.model.load_state_dict(network_average(self.model, self.env)["state"])
         out: Dict[str, object] = {}
-        for split, loader in self.eval_loaders.items():
-            out[split] = evaluate_split(self.model, loader)
-        out.update(samples=self.samples, steps=self.step, epochs=self.epoch,
+        if self.env.is_main:
+            for split, loader in self.eval_loaders.items():
+                out[split] = evaluate_split(self.model, loader)
+        if self.env.active:
+            out.update(workers=self.env.world, algorithm=self.algorithm,
+                       topology=self.topology.describe() if self.topology else None,
+                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1), **self.last_eval)
+        out.update(samples=self.samples * self.env.world, steps=self.step, epochs=self.epoch,
                    best_step=self.best_step, stopped_early=self.stopped_early,
                    wall_seconds=round(self.train_seconds, 3),
-                   samples_per_s=round(self.samples / max(self.train_seconds, 1e-9), 1),
+                   samples_per_s=round(self.samples * self.env.world / max(self.train_seconds, 1e-9), 1),
                    model=self.cfg.model.name, run_dir=str(self.run_dir))
         return out
 
 
+def _check_distributed(cfg: Config) -> None:
+    dc = cfg.distributed
+    if cfg.optimizer.sparse.fused and dc.algorithm not in ("local",) and dc.workers > 1:
+        raise ConfigError("optimizer.sparse.fused updates tables inside backward; algorithm "
+                          f"'{dc.algorithm}' needs the gradients (use fused=false)")
+    if dc.workers > 1 or dc.topology == "edges":
+        from ctrkit.comm.topology import build_topology
+        build_topology(dc.topology, dc.workers, dc.edges)   # reject bad graphs before launching
+
+
 def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
-    """Train the configured model; returns the final metrics (also written to metrics.json)."""
+    """Train the configured model; returns the final metrics (also written to metrics.json).
+
+    With `distributed.workers > 1` this process launches the ranks through torch's elastic
+    launcher and returns rank 0's metrics; under torchrun it is one of the ranks.
+    """
     if progress is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": progress})})
     tc = cfg.train
-    set_threads(tc.threads)
-    schema = load_or_prepare(cfg, tc.progress)
-    run_dir = _prepare_run_dir(cfg)
-    trainer = Trainer(cfg, schema, run_dir)
+    _check_distributed(cfg)
+    if cfg.distributed.workers > 1 and not launched_by_torchrun():
+        load_or_prepare(cfg, tc.progress)
+        run_dir = _prepare_run_dir(cfg)
+        os.environ["CTRKIT_LAUNCHED"] = "1"
+        try:
+            launch_workers(cfg, run_dir)
+        finally:
+            os.environ.pop("CTRKIT_LAUNCHED", None)
+        import json
+        return RunResult(json.loads((run_dir / "metrics.json").read_text()), run_dir, None)
+    env = init_distributed(cfg)
+    set_threads(tc.threads or (1 if env.active else 0))
+    try:
+        return _train_rank(cfg, env)
+    except RuntimeError as e:
+        if not env.active:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CtrkitError(f"rank {env.rank}: communication with a peer failed ({first}); a rank "
+                          f"died or hung (distributed.timeout_s={cfg.distributed.timeout_s:g})") from None
+    finally:
+        shutdown()
+
+
+def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
+    tc = cfg.train
+    if env.is_main:
+        schema = load_or_prepare(cfg, tc.progress)
+        run_dir = Path(tc.run_dir) if os.environ.get("CTRKIT_LAUNCHED") else _prepare_run_dir(cfg)
+    if env.active:
+        dist.barrier()
+    if not env.is_main:
+        schema = Schema.load(Path(cfg.data.prepared_dir))
+        run_dir = Path(tc.run_dir)
+    trainer = Trainer(cfg, schema, run_dir, env)
     if tc.resume:
-        trainer.load_state(load_checkpoint(run_dir / "checkpoints" / LAST))
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    logger = RunLogger(run_dir, tensorboard=tc.tensorboard, append=tc.resume)
+        trainer.load_state(load_checkpoint(run_dir / "checkpoints" / trainer.last_name()))
+    logger = NullLogger()
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        logger = RunLogger(run_dir, tensorboard=tc.tensorboard, append=tc.resume)
     try:
         trainer.fit(logger)
         metrics = trainer.final_metrics()
@@ -264,9 +391,10 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
                             "split": f"final_{split}", "auc": m["auc"], "logloss": m["logloss"]})
     finally:
         logger.close()
-    write_json(run_dir / "metrics.json", metrics)
-    if tc.plot:
-        plot_curves(run_dir)
+    if env.is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        if tc.plot:
+            plot_curves(run_dir)
     return RunResult(metrics, run_dir, trainer.model)
 
 

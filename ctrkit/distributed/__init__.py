@@ -1,0 +1,1 @@
+"""Process groups, launching ranks with torch's elastic launcher, network-average evaluation."""

@@ -1,0 +1,125 @@
+"""Ranks come from torch.distributed's own launcher (torchrun / `torch.distributed.run`), never a
+home-made one: `ctrkit train cfg distributed.workers=N` calls it with `-m ctrkit train`, and a run
+started by `torchrun --nproc_per_node N -m ctrkit train cfg` (or multi-node, with a rendezvous
+endpoint) is picked up from the environment. gloo on CPU, NCCL on GPU."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ctrkit.config import Config, dump_config
+from ctrkit.errors import CtrkitError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(cfg: Config) -> DistEnv:
+    """Join the process group torchrun set up (no-op in a single process)."""
+    if not launched_by_torchrun():
+        return DistEnv()
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    if cfg.distributed.workers not in (1, world):
+        raise CtrkitError(f"distributed.workers={cfg.distributed.workers} but torchrun started "
+                          f"{world} ranks")
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    return DistEnv(rank, world)
+
+
+def launch_workers(cfg: Config, run_dir: Path) -> None:
+    """Start `distributed.workers` ranks on this machine through torch.distributed.run."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    n = cfg.distributed.workers
+    path = run_dir / "launch.yaml"
+    path.write_text(dump_config(cfg))
+    args = parse_args(["--nproc_per_node", str(n), "--standalone",
+                       f"--max_restarts={cfg.distributed.max_restarts}",
+                       "-m", "ctrkit", "train", str(path)])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        run(args)
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values())) if e.failures else None
+        why = f"rank {first.local_rank} exited with code {first.exitcode}" if first else str(e)
+        raise CtrkitError(f"distributed run failed: {why} (see {run_dir}/rank-*.log)") from None
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reduce_mean_(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.active:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(env.world)
+    return t
+
+
+def gather_floats(x: float, env: DistEnv) -> list:
+    if not env.active:
+        return [x]
+    t = torch.tensor([x], dtype=torch.float64)
+    out = [torch.zeros_like(t) for _ in range(env.world)]
+    dist.all_gather(out, t)
+    return [float(o) for o in out]
+
+
+def broadcast_flag(flag: bool, env: DistEnv) -> bool:
+    if not env.active:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def network_average(model: torch.nn.Module, env: DistEnv) -> Optional[dict]:
+    """State dict of the network-averaged model x_bar (evaluation/export only) and the consensus
+    distance mean_i ||x_i - x_bar||^2 split into embedding tables and dense parameters."""
+    from ctrkit.models.embedding import BatchedEmbeddingBags
+    table_ids = {id(m.weight) for m in model.modules() if isinstance(m, BatchedEmbeddingBags)}
+    avg, dist_emb, dist_dense = {}, 0.0, 0.0
+    params = dict(model.named_parameters())
+    for k, v in model.state_dict().items():
+        if not torch.is_floating_point(v):
+            avg[k] = v.clone()
+            continue
+        a = reduce_mean_(v.detach().clone(), env)
+        avg[k] = a
+        if k in params:
+            d = float((v - a).pow(2).sum())
+            if id(params[k]) in table_ids:
+                dist_emb += d
+            else:
+                dist_dense += d
+    both = torch.tensor([dist_emb, dist_dense], dtype=torch.float64)
+    reduce_mean_(both, env)
+    return {"state": avg, "consensus_embedding": float(both[0]), "consensus_dense": float(both[1])}
