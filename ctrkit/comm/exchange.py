@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 
 
+class CommError(RuntimeError):
+    """A neighbour exchange failed: a peer died, hung past the timeout or closed its connection."""
+
+
 class NeighborExchange:
     def __init__(self, rank: int, neighbors: Sequence[int], group: Optional[dist.ProcessGroup] = None,
                  num_rows_hint: int = 0) -> None:
@@ -19,15 +23,22 @@ class NeighborExchange:
         self.bytes_sent = 0
         self.id_dtype = torch.int32 if num_rows_hint < 2 ** 31 else torch.int64
 
-    def _run(self, sends: Dict[int, torch.Tensor], recvs: Dict[int, torch.Tensor]) -> None:
+    def _run(self, sends: Dict[int, torch.Tensor], recvs: Dict[int, torch.Tensor],
+             what: str = "dense") -> None:
         ops = []
         for j in self.neighbors:
             ops.append(dist.P2POp(dist.isend, sends[j], j, self.group))
             ops.append(dist.P2POp(dist.irecv, recvs[j], j, self.group))
             self.bytes_sent += sends[j].numel() * sends[j].element_size()
-        if ops:
+        if not ops:
+            return
+        try:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
+        except (RuntimeError, dist.DistError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CommError(f"neighbour exchange ({what}, batch_isend_irecv) of rank {self.rank} "
+                            f"with ranks {self.neighbors} failed: {first}") from None
 
     def dense(self, flat: torch.Tensor) -> Dict[int, torch.Tensor]:
         """Send `flat` to every neighbour; return what each neighbour sent (same shape)."""
@@ -41,7 +52,7 @@ class NeighborExchange:
         d = values.shape[1]
         size = torch.tensor([rows.numel()], dtype=torch.int64)
         sizes = {j: torch.empty(1, dtype=torch.int64) for j in self.neighbors}
-        self._run({j: size for j in self.neighbors}, sizes)
+        self._run({j: size for j in self.neighbors}, sizes, "row counts")
         ids = rows.to(self.id_dtype)
         buf = torch.cat([ids.view(torch.float32).reshape(-1), values.reshape(-1).to(torch.float32)])
         words_per_id = 1 if self.id_dtype == torch.int32 else 2
@@ -50,10 +61,10 @@ class NeighborExchange:
             buf = torch.zeros(1)
         recvs = {j: torch.empty(max(1, int(sizes[j]) * (words_per_id + d)), dtype=torch.float32)
                  for j in self.neighbors}
-        self._run({j: buf for j in self.neighbors}, recvs)
+        self._run({j: buf for j in self.neighbors}, recvs, "rows")
         out = {}
         for j, b in recvs.items():
             n = int(sizes[j])
             rid = b[: n * words_per_id].view(self.id_dtype).to(torch.int64)
-            out[j] = (rid, b[n * words_per_id:].view(n, d))
+            out[j] = (rid, b[n * words_per_id:n * (words_per_id + d)].view(n, d))
         return out

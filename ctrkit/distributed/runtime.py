@@ -69,7 +69,17 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
     except ChildFailedError as e:
         first = next(iter(e.failures.values())) if e.failures else None
         why = f"rank {first.local_rank} exited with code {first.exitcode}" if first else str(e)
-        raise CtrkitError(f"distributed run failed: {why} (see {run_dir}/rank-*.log)") from None
+        raise CtrkitError(f"distributed run failed: {why}") from None
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """Errors that mean a peer died, hung past the timeout or dropped its connection."""
+    from ctrkit.comm.exchange import CommError
+    if isinstance(e, (dist.DistError, CommError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
 
 
 def shutdown() -> None:

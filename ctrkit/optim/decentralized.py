@@ -45,7 +45,7 @@ class RowGossip:
         q = self.x.index_select(0, rows) - xhat.index_select(0, rows)
         keep = q.ne(0).flatten(1).any(dim=1)
         rows, q = rows[keep], q[keep]
-        got = exchange.rows(rows, q.reshape(rows.numel(), -1))
+        got = exchange.rows(rows, q)
         xhat.index_add_(0, rows, q)
         s.index_add_(0, rows, q, alpha=topo.self_weight(rank))
         changed = [rows]

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ctrkit.config import Config, dump_config
 from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, gather_floats, init_distributed,
-                                        launch_workers, launched_by_torchrun, network_average, shutdown)
+                                        is_comm_failure, launch_workers, launched_by_torchrun,
+                                        network_average, shutdown)
 from ctrkit.data.loader import BatchLoader
 from ctrkit.data.schema import SCHEMA_FILE, Schema
 from ctrkit.errors import ConfigError, CtrkitError
@@ -309,9 +310,10 @@ class Trainer:
             for split, loader in self.eval_loaders.items():
                 out[split] = evaluate_split(self.model, loader)
         if self.env.active:
+            out.update(self.last_eval)
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
-                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1), **self.last_eval)
+                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
         out.update(samples=self.samples * self.env.world, steps=self.step, epochs=self.epoch,
                    best_step=self.best_step, stopped_early=self.stopped_early,
                    wall_seconds=round(self.train_seconds, 3),
@@ -354,12 +356,12 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
     set_threads(tc.threads or (1 if env.active else 0))
     try:
         return _train_rank(cfg, env)
-    except RuntimeError as e:
-        if not env.active:
+    except (RuntimeError, dist.DistError) as e:
+        if not env.active or not is_comm_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CtrkitError(f"rank {env.rank}: communication with a peer failed ({first}); a rank "
-                          f"died or hung (distributed.timeout_s={cfg.distributed.timeout_s:g})") from None
+        raise CtrkitError(f"rank {env.rank}: {first} (a peer died, or hung longer than "
+                          f"distributed.timeout_s={cfg.distributed.timeout_s:g})") from None
     finally:
         shutdown()
 
