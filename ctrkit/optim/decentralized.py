@@ -4,8 +4,11 @@
 - `damsgrad`: decentralized AMSGrad with a gossiped second-moment tracker u (DESIGN.md):
       m = b1 m + (1-b1) g ;  v = b2 v + (1-b2) g^2 ;  vhat_new = max(vhat, v)
       x <- sum_j W_ij x_j ;  u <- sum_j W_ij u_j                    (gossip)
-      x <- x - lr * m / sqrt(max(u, eps)) ;  u <- u + vhat_new - vhat ;  vhat <- vhat_new
-  u tracks the network average of vhat, so all workers take the same adaptive step.
+      u <- u + vhat_new - vhat ;  vhat <- vhat_new ;  x <- x - lr * m / sqrt(max(u, eps))
+  u tracks the network average of vhat, so all workers take the same adaptive step. The tracker
+  correction comes before the step (DESIGN.md lists it after): otherwise a row's first step divides
+  by sqrt(eps), because its tracker does not yet hold the worker's own second moment, and the
+  embeddings blow up (seen: logloss 7.9 after 10 steps).
 
 Dense parameters (and their u) travel as one packed buffer per neighbour and step. Embedding tables
 are row-sparse: moments change only on touched rows, and table gossip uses public copies (x_hat,
@@ -115,9 +118,9 @@ class DecentralizedOptimizer(Optimizer):
             n = p.numel()
             st["u"].copy_(mixed[off:off + n].view_as(p))
             off += n
-            p.data.addcdiv_(st["m"], st["u"].clamp(min=group["eps"]).sqrt(), value=-group["lr"])
             st["u"].add_(vn - st["vhat"])
             st["vhat"].copy_(vn)
+            p.data.addcdiv_(st["m"], st["u"].clamp(min=group["eps"]).sqrt(), value=-group["lr"])
 
     # ------------------------------------------------------------------ tables
     def _table_step(self, group: dict) -> None:
@@ -152,10 +155,10 @@ class DecentralizedOptimizer(Optimizer):
             if ug is not None:
                 ug.step(self.exchange, self.topo, self.rank)
             if self.adaptive and rows is not None:
-                u = st["u"].index_select(0, rows).clamp(min=group["eps"]).sqrt()
-                p.data.index_add_(0, rows, m / u, alpha=-group["lr"])
                 st["u"].index_add_(0, rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)
+                u = st["u"].index_select(0, rows).clamp(min=group["eps"]).sqrt()
+                p.data.index_add_(0, rows, m / u, alpha=-group["lr"])
                 xg.mark(rows)
                 ug.mark(rows)
 

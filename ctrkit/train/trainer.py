@@ -377,12 +377,16 @@ def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
         schema = Schema.load(Path(cfg.data.prepared_dir))
         run_dir = Path(tc.run_dir)
     trainer = Trainer(cfg, schema, run_dir, env)
-    if tc.resume:
-        trainer.load_state(load_checkpoint(run_dir / "checkpoints" / trainer.last_name()))
+    last = run_dir / "checkpoints" / trainer.last_name()
+    # After a torchrun restart (distributed.max_restarts) every rank continues from its checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = tc.resume or (restarted and min(gather_floats(float(last.is_file()), env)) == 1.0)
+    if resume:
+        trainer.load_state(load_checkpoint(last))
     logger = NullLogger()
     if env.is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        logger = RunLogger(run_dir, tensorboard=tc.tensorboard, append=tc.resume)
+        logger = RunLogger(run_dir, tensorboard=tc.tensorboard, append=resume)
     try:
         trainer.fit(logger)
         metrics = trainer.final_metrics()
