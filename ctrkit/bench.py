@@ -160,6 +160,12 @@ def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 2) -> Dict[str, ob
 
 
 def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
+    if what == "scaling":
+        out = Path(args.out) if args.out else Path("bench/results/scaling")
+        out.mkdir(parents=True, exist_ok=True)
+        workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "1,2,4,8").split(","))
+        algos = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(SCALING_ALGOS)).split(","))
+        return run_scaling(cfg, out, workers=workers, algorithms=algos)
     if what != "throughput":
         raise CtrkitError(f"unknown benchmark '{what}'")
     from ctrkit.train.trainer import load_or_prepare
@@ -182,3 +188,95 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
     out.write_text(json.dumps(result, indent=1))
     result["written_to"] = str(out)
     return result
+
+
+# ---------------------------------------------------------------------------- scaling
+SCALING_ALGOS = ("allreduce", "damsgrad", "dpsgd", "local")
+
+
+def _valid_curve(run_dir: Path) -> List[dict]:
+    from ctrkit.train.logging import read_metrics
+    return [{"step": int(r["step"]), "samples": int(r["samples"]), "auc": float(r["auc"]),
+             "logloss": float(r["logloss"])}
+            for r in read_metrics(run_dir) if r["split"] == "valid"]
+
+
+def _iters_to(curve: List[dict], target: float):
+    return next((c["step"] for c in curve if c["logloss"] <= target), None)
+
+
+def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING_ALGOS,
+                topologies=("ring", "exponential"), evals: int = 25) -> Dict[str, object]:
+    """Statistical efficiency of each algorithm with n workers and a fixed per-worker batch:
+    validation logloss against iterations, iterations to a target logloss, final AUC, bytes."""
+    from ctrkit.train.trainer import load_or_prepare, train
+    schema = load_or_prepare(cfg, progress=False)
+    rows = schema.splits["train"].rows_written
+    bs = cfg.train.batch_size
+    runs = []
+    for algo in algorithms:
+        for topo in (topologies if algo in ("dpsgd", "damsgrad") else ("ring",)):
+            for n in workers:
+                from ctrkit.comm.topology import build_topology
+                if topo != "ring" and build_topology(topo, n).neighbors == build_topology("ring", n).neighbors:
+                    continue   # the same graph as the ring at this n
+                iters = rows // (n * bs)
+                run_dir = out / f"{algo}-{topo}-n{n}"
+                c = cfg.model_copy(deep=True)
+                c.distributed.workers, c.distributed.algorithm, c.distributed.topology = n, algo, topo
+                c.train.run_dir, c.train.overwrite, c.train.resume = str(run_dir), True, False
+                c.train.eval_every = max(1, iters // evals)
+                c.train.early_stop.enabled = c.train.lr_plateau.enabled = False
+                c.train.progress = c.train.tensorboard = c.train.plot = False
+                t = time.time()
+                m = train(c).metrics
+                runs.append({"algorithm": algo, "topology": topo, "workers": n,
+                             "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
+                             "bytes_per_worker_step": m.get("bytes_per_worker_step", 0.0),
+                             "auc_spread": m.get("auc_spread", 0.0), "wall_s": round(time.time() - t, 1),
+                             "curve": _valid_curve(run_dir)})
+                print(f"scaling: {algo:9s} {topo:11s} n={n}: AUC {runs[-1]['final_auc']:.4f} "
+                      f"logloss {runs[-1]['final_logloss']:.4f}", flush=True)
+    # Target: the logloss the n=1 allreduce run (plain Adam) reaches halfway through its epoch.
+    ref = next((r for r in runs if r["algorithm"] == "allreduce" and r["workers"] == 1), runs[0])
+    half = ref["curve"][len(ref["curve"]) // 2]
+    target = half["logloss"]
+    for r in runs:
+        r["iters_to_target"] = _iters_to(r["curve"], target)
+    for r in runs:
+        base = next(b for b in runs if b["algorithm"] == r["algorithm"] and b["workers"] == 1)
+        r["speedup"] = (base["iters_to_target"] / r["iters_to_target"]
+                        if base["iters_to_target"] and r["iters_to_target"] else None)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "batch_per_worker": bs,
+              "target_logloss": target, "runs": runs}
+    (out / "scaling.json").write_text(json.dumps(result, indent=1))
+    _plot_scaling(result, out / "scaling.png")
+    return {k: v for k, v in result.items() if k != "runs"} | {
+        "table": [{k: r[k] for k in ("algorithm", "topology", "workers", "final_auc",
+                                     "iters_to_target", "speedup", "bytes_per_worker_step")}
+                  for r in runs], "written_to": str(out / "scaling.json")}
+
+
+def _plot_scaling(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in result["runs"]:
+        xs = [c["step"] for c in r["curve"]]
+        ss = [c["samples"] * r["workers"] for c in r["curve"]]
+        ys = [c["logloss"] for c in r["curve"]]
+        label = f"{r['algorithm']}/{r['topology'][:4]} n={r['workers']}"
+        style = {"allreduce": "-", "damsgrad": "--", "dpsgd": ":", "local": "-."}[r["algorithm"]]
+        axes[0].plot(xs, ys, style, label=label)
+        axes[1].plot(ss, ys, style, label=label)
+    for ax, xl in zip(axes, ("iterations", "samples (all workers)")):
+        ax.axhline(result["target_logloss"], color="grey", lw=0.8)
+        ax.set_xlabel(xl)
+        ax.set_ylabel("validation logloss (averaged model)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

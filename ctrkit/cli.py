@@ -106,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "train (prepares the data first if needed); writes metrics.json",
              "eval": "evaluate a checkpoint on valid/test; writes metrics.json",
              "demo": "synth -> prepare -> train -> eval with configs/demo.yaml",
-             "bench": "benchmarks: throughput"}
+             "bench": "benchmarks: throughput (step cost, prepare speed), scaling (n workers)"}
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h)
         if name == "bench":
-            sp.add_argument("what", choices=["throughput"], help="which benchmark")
+            sp.add_argument("what", choices=["throughput", "scaling"], help="which benchmark")
             sp.add_argument("--out", default=None, help="JSON output path")
         sp.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")

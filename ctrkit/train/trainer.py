@@ -92,7 +92,10 @@ class Trainer:
         np.random.seed(tc.seed)
         random.seed(tc.seed)
         self.model = build_training_model(cfg, schema)
-        self.algorithm = dc.algorithm if env.active else "local"
+        # dpsgd/damsgrad keep their own update rule on a single worker too (no neighbours), so
+        # n = 1 is the honest baseline of a scaling curve; allreduce on one worker is local Adam.
+        self.algorithm = dc.algorithm if (env.active or dc.algorithm in ("dpsgd", "damsgrad")) \
+            else "local"
         self.topology = None
         self.exchange = None
         self.comm_bytes = 0
