@@ -221,7 +221,7 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
                 if topo != "ring" and build_topology(topo, n).neighbors == build_topology("ring", n).neighbors:
                     continue   # the same graph as the ring at this n
                 iters = rows // (n * bs)
-                run_dir = out / f"{algo}-{topo}-n{n}"
+                run_dir = Path(cfg.train.run_dir) / f"{algo}-{topo}-n{n}"   # checkpoints stay out of bench/
                 c = cfg.model_copy(deep=True)
                 c.distributed.workers, c.distributed.algorithm, c.distributed.topology = n, algo, topo
                 c.train.run_dir, c.train.overwrite, c.train.resume = str(run_dir), True, False
