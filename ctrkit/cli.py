@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -138,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"ctrkit {args.command}: interrupted", file=sys.stderr)
         return 130
-    _print(result, args.json or args.command not in ("train", "eval", "demo"))
+    if os.environ.get("RANK", "0") == "0":   # under torchrun only rank 0 reports
+        _print(result, args.json or args.command not in ("train", "eval", "demo"))
     return 0
 
 
