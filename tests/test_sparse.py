@@ -122,3 +122,27 @@ def test_fused_fbgemm_rowwise_adagrad_matches_native():
         opt.zero_grad(set_to_none=True)
     for i in range(3):
         assert torch.allclose(native.table_weight(i).detach(), fused.table_weight(i), atol=1e-5)
+
+
+def test_loader_precomputed_unique_matches_model_unique(tmp_path):
+    """The loader's (feature << 32 | id) unique gives the same rows and inverse as the model's own."""
+    from ctrkit.config import load_config
+    from ctrkit.data.loader import BatchLoader
+    from ctrkit.data.preprocess import prepare
+    from ctrkit.data.synth import write_synthetic
+    from ctrkit.models.base import FieldEmbeddings
+    write_synthetic(tmp_path / "raw", 3000, seed=3, card_scale=0.01, progress=False)
+    schema = prepare(load_config(None, [f"data.train={tmp_path / 'raw' / 'train.tsv'}",
+                                        f"data.prepared_dir={tmp_path / 'prep'}"]), progress=False)
+    emb = FieldEmbeddings(schema, 8, init_std=0.1)
+    bag = emb.bags["8"]
+    batch = next(iter(BatchLoader(schema, "train", 500, shuffle=True)))
+    assert "_ctrkit_batch_unique" in batch.sparse.__dict__
+    fast = bag(batch.sparse)
+    rows_fast = bag._unique(batch.sparse, None, True)[0]
+    del batch.sparse.__dict__["_ctrkit_batch_unique"]
+    batch.sparse.__dict__.pop("_ctrkit_unique", None)
+    slow = bag(batch.sparse)
+    assert torch.equal(fast, slow)
+    idx = bag.flat_indices(batch.sparse).view(len(bag.tables), -1).t().reshape(-1)
+    assert torch.equal(rows_fast, torch.unique(idx))

@@ -47,6 +47,7 @@ class BatchLoader:
         self.epoch = 0
         self.start_batch = 0
         self._ones: dict = {}
+        self._feature_shift = torch.arange(len(self.keys), dtype=torch.int64) << 32
 
     def _slice(self, n: int) -> tuple:
         return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
@@ -103,6 +104,12 @@ class BatchLoader:
             lengths = self._ones[b] = torch.ones(len(self.keys) * b, dtype=torch.int32)
         values = torch.from_numpy(sparse.T.astype(np.int64).reshape(-1))   # table-major, as KJT wants
         kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
+        # The batch's distinct (feature, id) pairs, found here in the prefetch thread so the
+        # training step does not sort: keys are feature << 32 | id in batch-major order, which
+        # sort exactly like rows of tables laid out feature after feature.
+        keys = torch.from_numpy(sparse.astype(np.int64)).add_(self._feature_shift)
+        kjt.__dict__["_ctrkit_batch_unique"] = torch.unique(keys.reshape(-1), sorted=True,
+                                                            return_inverse=True)
         return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
 
     def __iter__(self) -> Iterator[Batch]:

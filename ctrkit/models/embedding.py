@@ -100,6 +100,10 @@ class BatchedEmbeddingBags(nn.Module):
         Modules whose tables have the same sizes and read the same batch (DeepFM's field
         embeddings and first-order weights) share one `unique` through a cache on the batch.
         """
+        pre = kjt.__dict__.get("_ctrkit_batch_unique")
+        if single and pre is not None and list(kjt.keys()) == self.feature_names:
+            keys, inverse = pre   # from the loader: keys = feature << 32 | id, batch-major
+            return self.row_offsets[keys >> 32] + (keys & 0xFFFFFFFF), inverse
         cache = kjt.__dict__.setdefault("_ctrkit_unique", {})
         key = (self._sizes, single)
         if key not in cache:
