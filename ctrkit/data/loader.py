@@ -36,12 +36,13 @@ class BatchLoader:
 
     def __init__(self, schema: Schema, split: str, batch_size: int, shuffle: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 prefetch: int = 4) -> None:
+                 prefetch: int = 4, precompute_unique: bool = True) -> None:
         if split not in schema.splits:
             raise KeyError(f"split '{split}' was not prepared")
         self.schema, self.split, self.batch_size = schema, split, batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.drop_last, self.prefetch = drop_last, prefetch
+        self.precompute_unique = precompute_unique
         self.keys = [f.name for f in schema.sparse]
         self.shards = [load_shard(schema.root, s) for s in schema.splits[split].shards]
         self.epoch = 0
@@ -107,9 +108,10 @@ class BatchLoader:
         # The batch's distinct (feature, id) pairs, found here in the prefetch thread so the
         # training step does not sort: keys are feature << 32 | id in batch-major order, which
         # sort exactly like rows of tables laid out feature after feature.
-        keys = torch.from_numpy(sparse.astype(np.int64)).add_(self._feature_shift)
-        kjt.__dict__["_ctrkit_batch_unique"] = torch.unique(keys.reshape(-1), sorted=True,
-                                                            return_inverse=True)
+        if self.precompute_unique:
+            keys = torch.from_numpy(sparse.astype(np.int64)).add_(self._feature_shift)
+            kjt.__dict__["_ctrkit_batch_unique"] = torch.unique(keys.reshape(-1), sorted=True,
+                                                                return_inverse=True)
         return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
 
     def __iter__(self) -> Iterator[Batch]:
