@@ -165,7 +165,8 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
         out.mkdir(parents=True, exist_ok=True)
         workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "1,2,4,8").split(","))
         algos = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(SCALING_ALGOS)).split(","))
-        return run_scaling(cfg, out, workers=workers, algorithms=algos)
+        return run_scaling(cfg, out, workers=workers, algorithms=algos,
+                           iterations=int(os.environ.get("CTRKIT_BENCH_ITERS", "0")))
     if what != "throughput":
         raise CtrkitError(f"unknown benchmark '{what}'")
     from ctrkit.train.trainer import load_or_prepare
@@ -206,28 +207,39 @@ def _iters_to(curve: List[dict], target: float):
 
 
 def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING_ALGOS,
-                topologies=("ring", "exponential"), evals: int = 25) -> Dict[str, object]:
-    """Statistical efficiency of each algorithm with n workers and a fixed per-worker batch:
-    validation logloss against iterations, iterations to a target logloss, final AUC, bytes."""
+                topologies=("ring", "exponential"), iterations: int = 0, evals: int = 20,
+                dpsgd_lr: float = 0.05) -> Dict[str, object]:
+    """Statistical efficiency with n workers and a fixed per-worker batch.
+
+    Every run takes the same number of iterations (default: one epoch of the largest n), so n
+    workers see n times the samples; linear speedup means n times fewer iterations to reach the
+    target logloss, which is what the n = 1 `allreduce` run (plain Adam) reaches at the end.
+    Also reported: final AUC/logloss of the averaged model, AUC spread, bytes per worker and step.
+    dpsgd is plain SGD, so it gets its own learning rate (`dpsgd_lr`).
+    """
+    from ctrkit.comm.topology import build_topology
     from ctrkit.train.trainer import load_or_prepare, train
     schema = load_or_prepare(cfg, progress=False)
     rows = schema.splits["train"].rows_written
     bs = cfg.train.batch_size
+    iterations = iterations or rows // (max(workers) * bs)
     runs = []
     for algo in algorithms:
         for topo in (topologies if algo in ("dpsgd", "damsgrad") else ("ring",)):
             for n in workers:
-                from ctrkit.comm.topology import build_topology
                 if topo != "ring" and build_topology(topo, n).neighbors == build_topology("ring", n).neighbors:
                     continue   # the same graph as the ring at this n
-                iters = rows // (n * bs)
                 run_dir = Path(cfg.train.run_dir) / f"{algo}-{topo}-n{n}"   # checkpoints stay out of bench/
                 c = cfg.model_copy(deep=True)
                 c.distributed.workers, c.distributed.algorithm, c.distributed.topology = n, algo, topo
                 c.train.run_dir, c.train.overwrite, c.train.resume = str(run_dir), True, False
-                c.train.eval_every = max(1, iters // evals)
+                c.train.max_steps = iterations
+                c.train.epochs = max(1, -(-iterations * n * bs // rows))
+                c.train.eval_every = max(1, iterations // evals)
                 c.train.early_stop.enabled = c.train.lr_plateau.enabled = False
                 c.train.progress = c.train.tensorboard = c.train.plot = False
+                if algo == "dpsgd":
+                    c.optimizer.dense.lr = c.optimizer.sparse.lr = dpsgd_lr
                 t = time.time()
                 m = train(c).metrics
                 runs.append({"algorithm": algo, "topology": topo, "workers": n,
@@ -237,10 +249,8 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
                              "curve": _valid_curve(run_dir)})
                 print(f"scaling: {algo:9s} {topo:11s} n={n}: AUC {runs[-1]['final_auc']:.4f} "
                       f"logloss {runs[-1]['final_logloss']:.4f}", flush=True)
-    # Target: the logloss the n=1 allreduce run (plain Adam) reaches halfway through its epoch.
     ref = next((r for r in runs if r["algorithm"] == "allreduce" and r["workers"] == 1), runs[0])
-    half = ref["curve"][len(ref["curve"]) // 2]
-    target = half["logloss"]
+    target = ref["curve"][-1]["logloss"]
     for r in runs:
         r["iters_to_target"] = _iters_to(r["curve"], target)
     for r in runs:
@@ -248,7 +258,7 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
         r["speedup"] = (base["iters_to_target"] / r["iters_to_target"]
                         if base["iters_to_target"] and r["iters_to_target"] else None)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "batch_per_worker": bs,
-              "target_logloss": target, "runs": runs}
+              "iterations": iterations, "target_logloss": target, "dpsgd_lr": dpsgd_lr, "runs": runs}
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     _plot_scaling(result, out / "scaling.png")
     return {k: v for k, v in result.items() if k != "runs"} | {
