@@ -80,8 +80,9 @@ def cmd_demo(cfg, args) -> dict:
                         pos_rate=s.pos_rate, card_scale=s.card_scale, max_card=s.max_card,
                         progress=not args.quiet)
     meta = json.loads((Path(s.out_dir) / "meta.json").read_text())
-    if not (Path(cfg.data.prepared_dir) / "schema.json").is_file():
-        prepare(cfg, progress=not args.quiet)
+    # the demo owns its prepared folder: rebuild it (a few seconds) so it always matches this version
+    prepare(cfg.model_copy(update={"data": cfg.data.model_copy(update={"overwrite": True})}),
+            progress=not args.quiet)
     tc = cfg.train.model_copy(update={"overwrite": True, "resume": False})
     result = train(cfg.model_copy(update={"train": tc}), progress=False if args.quiet else None)
     out = evaluate(cfg)
