@@ -69,8 +69,10 @@ def build_training_model(cfg: Config, schema: Schema) -> nn.Module:
 def _prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.train.run_dir)
     if cfg.train.resume:
-        if not (run_dir / "checkpoints" / LAST).is_file():
-            raise CtrkitError(f"{run_dir}: no checkpoint to resume from (checkpoints/{LAST})")
+        ck = run_dir / "checkpoints"
+        if not ((ck / LAST).is_file() or (ck / "last-rank0.pt").is_file()):
+            raise CtrkitError(f"{run_dir}: no checkpoint to resume from (checkpoints/{LAST} or "
+                              "last-rank0.pt)")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.train.overwrite:
