@@ -40,11 +40,12 @@ class RowGossip:
             state[prefix + "dirty"] = torch.zeros(0, dtype=torch.int64)
 
     def mark(self, rows: torch.Tensor) -> None:
-        self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"], rows])
+        self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"].to(torch.int64), rows])
 
     def step(self, exchange: NeighborExchange, topo: Topology, rank: int) -> None:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
-        rows = torch.unique(self.st[self.p + "dirty"])
+        # (Optimizer.load_state_dict casts every state tensor to the parameter's dtype.)
+        rows = torch.unique(self.st[self.p + "dirty"].to(torch.int64))
         q = self.x.index_select(0, rows) - xhat.index_select(0, rows)
         keep = q.ne(0).flatten(1).any(dim=1)
         rows, q = rows[keep], q[keep]
