@@ -72,14 +72,11 @@ def cmd_eval(cfg, args) -> dict:
 def cmd_demo(cfg, args) -> dict:
     """synth -> prepare -> train -> eval on data the project generates itself."""
     from ctrkit.data.preprocess import prepare
-    from ctrkit.data.synth import write_synthetic
     from ctrkit.train.trainer import evaluate, train
-    s = cfg.synth
-    if not (Path(s.out_dir) / "meta.json").is_file():
-        write_synthetic(s.out_dir, s.rows, s.valid_rows, s.test_rows, seed=s.seed,
-                        pos_rate=s.pos_rate, card_scale=s.card_scale, max_card=s.max_card,
-                        progress=not args.quiet)
-    meta = json.loads((Path(s.out_dir) / "meta.json").read_text())
+    meta_path = Path(cfg.synth.out_dir) / "meta.json"
+    if not meta_path.is_file():
+        cmd_synth(cfg, args)
+    meta = json.loads(meta_path.read_text())
     # the demo owns its prepared folder: rebuild it (a few seconds) so it always matches this version
     prepare(cfg.model_copy(update={"data": cfg.data.model_copy(update={"overwrite": True})}),
             progress=not args.quiet)

@@ -139,7 +139,7 @@ def test_loader_precomputed_unique_matches_model_unique(tmp_path):
     batch = next(iter(BatchLoader(schema, "train", 500, shuffle=True)))
     assert "_ctrkit_batch_unique" in batch.sparse.__dict__
     fast = bag(batch.sparse)
-    rows_fast = bag._unique(batch.sparse, None, True)[0]
+    rows_fast = bag._unique(batch.sparse, True)[0]
     del batch.sparse.__dict__["_ctrkit_batch_unique"]
     batch.sparse.__dict__.pop("_ctrkit_unique", None)
     slow = bag(batch.sparse)

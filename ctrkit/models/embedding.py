@@ -68,37 +68,38 @@ class BatchedEmbeddingBags(nn.Module):
         per_key = torch.tensor(kjt.length_per_key(), dtype=torch.int64)
         return kjt.values().to(torch.int64) + torch.repeat_interleave(self.row_offsets, per_key)
 
+    def _lookup_indices(self, kjt: KeyedJaggedTensor, single: bool) -> torch.Tensor:
+        """Flat row ids; batch-major for one-id bags, table-major (KJT order) otherwise."""
+        idx = self.flat_indices(kjt)
+        return idx.view(len(self.tables), kjt.stride()).t().reshape(-1) if single else idx
+
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         kjt = self._select(kjt)
-        idx = self.flat_indices(kjt)
         t, b = len(self.tables), kjt.stride()
-        lengths = kjt.lengths()
         # One id per bag (the usual CTR case): a plain gather in batch-major order, so the result
         # is a contiguous [B, T, D] and its backward is an index_add (several times cheaper on CPU
         # than embedding_bag's dense backward).
-        single = idx.numel() == t * b and bool((lengths == 1).all())
-        if single:
-            idx = idx.view(t, b).t().reshape(-1)
-        train = torch.is_grad_enabled() and self.weight.requires_grad
-        if train:
+        single = kjt.values().numel() == t * b and bool((kjt.lengths() == 1).all())
+        if torch.is_grad_enabled() and self.weight.requires_grad:
             # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
             # gradient (sorted unique rows), so optimizers skip the sort/merge of duplicates.
-            rows, idx = self._unique(kjt, idx, single)
+            rows, idx = self._unique(kjt, single)
             weight = self.weight.detach().index_select(0, rows).requires_grad_()
             weight.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
         else:
-            weight = self.weight
+            idx, weight = self._lookup_indices(kjt, single), self.weight
         if single:
             return weight.index_select(0, idx).view(b, t, self.embedding_dim)
         pooled = F.embedding_bag(idx, weight, kjt.offsets().to(torch.int64), mode=self.mode,
                                  include_last_offset=True)
         return pooled.view(t, b, self.embedding_dim).transpose(0, 1)
 
-    def _unique(self, kjt: KeyedJaggedTensor, idx: torch.Tensor, single: bool) -> tuple:
-        """Sorted touched rows and each id's position among them.
+    def _unique(self, kjt: KeyedJaggedTensor, single: bool) -> tuple:
+        """Sorted touched rows and each id's position among them (in lookup order).
 
-        Modules whose tables have the same sizes and read the same batch (DeepFM's field
-        embeddings and first-order weights) share one `unique` through a cache on the batch.
+        The loader usually found the batch's distinct ids already; otherwise modules whose tables
+        have the same sizes and read the same batch (DeepFM's field embeddings and first-order
+        weights) share one `unique` through a cache on the batch.
         """
         pre = kjt.__dict__.get("_ctrkit_batch_unique")
         if single and pre is not None and list(kjt.keys()) == self.feature_names:
@@ -107,7 +108,8 @@ class BatchedEmbeddingBags(nn.Module):
         cache = kjt.__dict__.setdefault("_ctrkit_unique", {})
         key = (self._sizes, single)
         if key not in cache:
-            cache[key] = torch.unique(idx, sorted=True, return_inverse=True)
+            cache[key] = torch.unique(self._lookup_indices(kjt, single), sorted=True,
+                                      return_inverse=True)
         return cache[key]
 
     def _accumulate_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
