@@ -139,10 +139,19 @@ def test_loader_precomputed_unique_matches_model_unique(tmp_path):
     batch = next(iter(BatchLoader(schema, "train", 500, shuffle=True)))
     assert "_ctrkit_batch_unique" in batch.sparse.__dict__
     fast = bag(batch.sparse)
-    rows_fast = bag._unique(batch.sparse, True)[0]
+    rows_fast, ids_fast = bag._distinct(batch.sparse, True)
+    fast.square().sum().backward()
+    grad_fast = bag.weight.grad.to_dense()
+    bag.weight.grad = None
     del batch.sparse.__dict__["_ctrkit_batch_unique"]
     batch.sparse.__dict__.pop("_ctrkit_unique", None)
     slow = bag(batch.sparse)
     assert torch.equal(fast, slow)
+    slow.square().sum().backward()
+    torch.testing.assert_close(grad_fast, bag.weight.grad.to_dense())
+    # The segment-sum backward equals autograd's own gather backward.
+    ref = bag.weight.detach().clone().requires_grad_()
     idx = bag.flat_indices(batch.sparse).view(len(bag.tables), -1).t().reshape(-1)
+    ref.index_select(0, idx).square().sum().backward()
+    torch.testing.assert_close(grad_fast, ref.grad)
     assert torch.equal(rows_fast, torch.unique(idx))

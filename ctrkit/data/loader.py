@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from ctrkit.data.ids import distinct_ids
 from ctrkit.data.schema import Schema
 from ctrkit.data.shards import load_shard
 
@@ -91,7 +92,8 @@ class BatchLoader:
             out.append(pending)
         return out
 
-    def _make(self, parts: List[tuple]) -> Batch:
+    def _gather(self, parts: List[tuple]) -> tuple:
+        """(sparse [B, F] ids, dense [B, Dn], labels [B]) numpy arrays of one batch's rows."""
         if len(parts) == 1:
             sh, idx = self.shards[parts[0][0]], parts[0][1]
             sparse, dense, labels = sh.sparse[idx], sh.dense[idx], sh.labels[idx]
@@ -99,6 +101,10 @@ class BatchLoader:
             sparse = np.concatenate([self.shards[si].sparse[idx] for si, idx in parts])
             dense = np.concatenate([self.shards[si].dense[idx] for si, idx in parts])
             labels = np.concatenate([self.shards[si].labels[idx] for si, idx in parts])
+        return sparse, dense, labels
+
+    def _make(self, parts: List[tuple]) -> Batch:
+        sparse, dense, labels = self._gather(parts)
         b = labels.shape[0]
         lengths = self._ones.get(b)
         if lengths is None:
@@ -110,8 +116,8 @@ class BatchLoader:
         # sort exactly like rows of tables laid out feature after feature.
         if self.precompute_unique:
             keys = torch.from_numpy(sparse.astype(np.int64)).add_(self._feature_shift)
-            kjt.__dict__["_ctrkit_batch_unique"] = torch.unique(keys.reshape(-1), sorted=True,
-                                                                return_inverse=True)
+            kjt.__dict__["_ctrkit_batch_unique"] = distinct_ids(keys.reshape(-1))
+        kjt.__dict__["_ctrkit_one_per_bag"] = True
         return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
 
     def __iter__(self) -> Iterator[Batch]:

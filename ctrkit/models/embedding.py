@@ -10,12 +10,14 @@ torchrec's planner and for serving).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from ctrkit.data.ids import DistinctIds, distinct_ids
 
 
 class BatchedEmbeddingBags(nn.Module):
@@ -79,37 +81,40 @@ class BatchedEmbeddingBags(nn.Module):
         # One id per bag (the usual CTR case): a plain gather in batch-major order, so the result
         # is a contiguous [B, T, D] and its backward is an index_add (several times cheaper on CPU
         # than embedding_bag's dense backward).
-        single = kjt.values().numel() == t * b and bool((kjt.lengths() == 1).all())
+        single = _one_id_per_bag(kjt, t * b)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
             # gradient (sorted unique rows), so optimizers skip the sort/merge of duplicates.
-            rows, idx = self._unique(kjt, single)
+            rows, ids = self._distinct(kjt, single)
             weight = self.weight.detach().index_select(0, rows).requires_grad_()
             weight.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
+            if single:
+                return _GatherRows.apply(weight, ids).view(b, t, self.embedding_dim)
+            idx = ids.inverse
         else:
             idx, weight = self._lookup_indices(kjt, single), self.weight
-        if single:
-            return weight.index_select(0, idx).view(b, t, self.embedding_dim)
+            if single:
+                return weight.index_select(0, idx).view(b, t, self.embedding_dim)
         pooled = F.embedding_bag(idx, weight, kjt.offsets().to(torch.int64), mode=self.mode,
                                  include_last_offset=True)
         return pooled.view(t, b, self.embedding_dim).transpose(0, 1)
 
-    def _unique(self, kjt: KeyedJaggedTensor, single: bool) -> tuple:
-        """Sorted touched rows and each id's position among them (in lookup order).
+    def _distinct(self, kjt: KeyedJaggedTensor, single: bool) -> Tuple[torch.Tensor, DistinctIds]:
+        """Sorted touched rows of the flat weight, and the batch's ids grouped by row.
 
         The loader usually found the batch's distinct ids already; otherwise modules whose tables
         have the same sizes and read the same batch (DeepFM's field embeddings and first-order
-        weights) share one `unique` through a cache on the batch.
+        weights) share one sort through a cache on the batch.
         """
         pre = kjt.__dict__.get("_ctrkit_batch_unique")
         if single and pre is not None and list(kjt.keys()) == self.feature_names:
-            keys, inverse = pre   # from the loader: keys = feature << 32 | id, batch-major
-            return self.row_offsets[keys >> 32] + (keys & 0xFFFFFFFF), inverse
+            # From the loader: keys are feature << 32 | id in batch-major order.
+            return self.row_offsets.index_select(0, pre.keys >> 32) + (pre.keys & 0xFFFFFFFF), pre
         cache = kjt.__dict__.setdefault("_ctrkit_unique", {})
         key = (self._sizes, single)
         if key not in cache:
-            cache[key] = torch.unique(self._lookup_indices(kjt, single), sorted=True,
-                                      return_inverse=True)
+            ids = distinct_ids(self._lookup_indices(kjt, single))
+            cache[key] = (ids.keys, ids)
         return cache[key]
 
     def _accumulate_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
@@ -129,6 +134,33 @@ class BatchedEmbeddingBags(nn.Module):
             for i, t in enumerate(self.tables):
                 ebc.embedding_bags[t.name].weight.copy_(self.table_weight(i))
         return ebc
+
+
+def _one_id_per_bag(kjt: KeyedJaggedTensor, n_bags: int) -> bool:
+    """Whether every (sample, feature) bag holds exactly one id (cached on the batch)."""
+    single = kjt.__dict__.get("_ctrkit_one_per_bag")
+    if single is None:
+        single = kjt.values().numel() == n_bags and bool((kjt.lengths() == 1).all())
+        kjt.__dict__["_ctrkit_one_per_bag"] = single
+    return single
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows[inverse] with a segment-sum backward: each distinct row's gradient is one bag of an
+    `embedding_bag` over the positions that used it (~4x faster on CPU than index_add)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, ids: DistinctIds) -> torch.Tensor:  # type: ignore[override]
+        ctx.ids = ids
+        return rows.index_select(0, ids.inverse)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ids = ctx.ids
+        g = F.embedding_bag(ids.order, grad.reshape(ids.order.numel(), -1), ids.offsets,
+                            mode="sum", include_last_offset=True)
+        return g, None
 
 
 def table_config(name: str, feature: str, rows: int, dim: int) -> EmbeddingBagConfig:

@@ -77,15 +77,15 @@ class DeepFM(nn.Module):
         self.linear = _FirstOrder(schema)
         self.embedding = FieldEmbeddings(schema, embedding_dim, embedding_dims, init_std=init_std)
         self.dim = embedding_dim
-        width = sum(d * len(names) for d, names in self.embedding.groups.items()) + dense_width(schema)
-        self.mlp = MLP(width, list(hidden_units), 1, dropout=dropout, batch_norm=batch_norm)
+        width = sum(d * len(names) for d, names in self.embedding.groups.items())
+        self.mlp = MLP(width, list(hidden_units), 1, dropout=dropout, batch_norm=batch_norm,
+                       side_dim=dense_width(schema))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         groups = self.embedding(batch)
         b = batch.size
         parts = [groups[d].reshape(b, -1) for d in sorted(groups)]
-        if batch.dense.shape[1]:
-            parts.append(batch.dense)
-        deep = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        deep = self.mlp(x, batch.dense if self.mlp.side is not None else None).squeeze(1)
         fm = fm_interaction(groups[self.dim]) if self.dim in groups else 0.0
         return self.linear(batch) + fm + deep
