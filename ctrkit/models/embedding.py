@@ -79,8 +79,8 @@ class BatchedEmbeddingBags(nn.Module):
         kjt = self._select(kjt)
         t, b = len(self.tables), kjt.stride()
         # One id per bag (the usual CTR case): a plain gather in batch-major order, so the result
-        # is a contiguous [B, T, D] and its backward is an index_add (several times cheaper on CPU
-        # than embedding_bag's dense backward).
+        # is a contiguous [B, T, D]; in training its backward is a segment sum over the batch's
+        # grouped ids (`_GatherRows`), several times cheaper on CPU than embedding_bag's backward.
         single = _one_id_per_bag(kjt, t * b)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
