@@ -30,6 +30,7 @@ from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.layers import fm_interaction
 from ctrkit.optim.build import build_optimizers
+from ctrkit.train.memory import keep_freed_memory
 
 
 class _FoldedLoader(BatchLoader):
@@ -95,16 +96,21 @@ def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None)
 DENSE_POOL = 8   # 8 x 7 MB of embeddings: more than this CPU's cache
 
 
-def _dense_variant(cfg: Config, schema: Schema, batch_size: int) -> _Variant:
-    """DeepFM's dense part alone on a precomputed embedding tensor of the same shape."""
+def _dense_variant(cfg: Config, schema: Schema, batch_size: int, input_grad: bool = True) -> _Variant:
+    """DeepFM's dense part alone on a precomputed embedding tensor of the same shape.
+
+    With `input_grad` its backward also computes the gradient of its embedding input, as the dense
+    part of any model with trained embeddings must (that GEMM is matrix work, not embedding
+    overhead); without it, the number for a dense part on frozen embeddings is reported too."""
     torch.manual_seed(0)
     model = build_model(cfg.model, _schema_with_rows(schema, 10_000))
     mlp = model.mlp
     n_fields, dim = len(schema.sparse), model.dim
     # Several precomputed batches used in turn: like real batches (and unlike one reused tensor)
     # they are not sitting in the CPU cache when a step starts.
-    pool = [(torch.randn(batch_size, n_fields, dim) * 0.01, torch.randn(batch_size, len(schema.dense)),
-             (torch.rand(batch_size) < 0.25).float()) for _ in range(DENSE_POOL)]
+    pool = [((torch.randn(batch_size, n_fields, dim) * 0.01).requires_grad_(input_grad),
+             torch.randn(batch_size, len(schema.dense)), (torch.rand(batch_size) < 0.25).float())
+            for _ in range(DENSE_POOL)]
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, fused=True)
     state = {"i": 0}
 
@@ -115,15 +121,18 @@ def _dense_variant(cfg: Config, schema: Schema, batch_size: int) -> _Variant:
         F.binary_cross_entropy_with_logits(logits, labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return _Variant("dense_only", step)
+        emb.grad = None
+    return _Variant("dense_only" if input_grad else "dense_only_frozen_input", step)
 
 
 def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_per_round: int,
                   small_rows: int = 10_000, big_rows: int = 10_000_000) -> Dict[str, object]:
     torch.set_num_threads(threads)
+    keep_freed_memory()   # as `ctrkit train` does
     bs = cfg.train.batch_size
     variants = [_dense_variant(cfg, schema, bs), _full_variant(cfg, schema),
-                _full_variant(cfg, schema, small_rows), _full_variant(cfg, schema, big_rows)]
+                _full_variant(cfg, schema, small_rows), _full_variant(cfg, schema, big_rows),
+                _dense_variant(cfg, schema, bs, input_grad=False)]
     for v in variants:   # warm-up (allocations, lazy state)
         for _ in range(2):
             v.step()
@@ -136,12 +145,14 @@ def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_
     med = {v.name: statistics.median(v.times) for v in variants}
     ratios_dense = [a / b for a, b in zip(variants[1].times, variants[0].times)]
     ratios_big = [a / b for a, b in zip(variants[3].times, variants[2].times)]
+    ratios_frozen = [a / b for a, b in zip(variants[1].times, variants[4].times)]
     return {
         "threads": threads,
         "step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
         "samples_per_s": {k: round(bs / v) for k, v in med.items()},
         "full_over_dense": round(statistics.median(ratios_dense), 3),
         "big_over_small_tables": round(statistics.median(ratios_big), 3),
+        "full_over_dense_frozen_input": round(statistics.median(ratios_frozen), 3),
         "rounds": rounds, "steps_per_round": steps_per_round,
     }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ctrkit.config import DataConfig, FeatureSpec
 from ctrkit.errors import DataError
@@ -58,6 +58,17 @@ class Layout:
     @property
     def dense(self) -> List[Feature]:
         return [f for f in self.features if not f.is_sparse]
+
+    @property
+    def dict_sources(self) -> List[str]:
+        """String columns that feed exactly one plain categorical feature: the CSV parser
+        dictionary-encodes them while it parses (in parallel), so only int32 indices are held."""
+        uses: Dict[str, List[Feature]] = {}
+        for f in self.features:
+            uses.setdefault(f.source, []).append(f)
+        return [c for c in self.string_sources
+                if len(uses.get(c, [])) == 1 and uses[c][0].kind == "categorical"
+                and uses[c][0].derive is None and uses[c][0].fill is None]
 
     @property
     def sources(self) -> List[str]:

@@ -49,7 +49,7 @@ class BatchLoader:
         self.epoch = 0
         self.start_batch = 0
         self._ones: dict = {}
-        self._feature_shift = torch.arange(len(self.keys), dtype=torch.int64) << 32
+        self._feature_shift = np.arange(len(self.keys), dtype=np.int64) << 32
 
     def _slice(self, n: int) -> tuple:
         return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
@@ -113,9 +113,11 @@ class BatchLoader:
         kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
         # The batch's distinct (feature, id) pairs, found here in the prefetch thread so the
         # training step does not sort: keys are feature << 32 | id in batch-major order, which
-        # sort exactly like rows of tables laid out feature after feature.
+        # sort exactly like rows of tables laid out feature after feature. numpy only: no torch op
+        # runs in this thread (see ctrkit/data/ids.py).
         if self.precompute_unique:
-            keys = torch.from_numpy(sparse.astype(np.int64)).add_(self._feature_shift)
+            keys = sparse.astype(np.int64)
+            keys += self._feature_shift
             kjt.__dict__["_ctrkit_batch_unique"] = distinct_ids(keys.reshape(-1))
         kjt.__dict__["_ctrkit_one_per_bag"] = True
         return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))

@@ -9,8 +9,10 @@ Valid/test values are looked up in the training vocabulary once per distinct val
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -78,21 +80,25 @@ def _sparse_column(batch: pa.RecordBatch, f: Feature) -> pa.Array:
     return col
 
 
-def _dense_column(batch: pa.RecordBatch, f: Feature) -> np.ndarray:
-    x = batch.column(f.source).to_numpy(zero_copy_only=False).astype(np.float64)
-    x = np.where(np.isnan(x), float(f.fill or 0.0), x)
+def _dense_column(chunks: List[pa.Array], f: Feature, out: np.ndarray) -> None:
+    """Fill, transform and write one numeric feature into `out` (a column of the split's matrix)."""
+    if not chunks:
+        return
+    col = pc.fill_null(pa.chunked_array(chunks).combine_chunks(), float(f.fill or 0.0))
+    x = col.to_numpy(zero_copy_only=False)
+    x = np.where(np.isnan(x), float(f.fill or 0.0), x).astype(np.float32)   # NaN written in the file
     if f.transform == "log":
-        x = np.sign(x) * np.log1p(np.abs(x))
-    return x.astype(np.float32)
+        y = np.log1p(np.abs(x))
+        np.copysign(y, x, out=x)
+    out[:] = x
 
 
 @dataclass
 class _Encoded:
-    """One split held as per-batch local ids + batch dictionaries, until vocabularies are known."""
+    """One split held as per-batch dictionary arrays, until vocabularies are known."""
 
-    local: Dict[str, List[np.ndarray]] = field(default_factory=dict)   # int32, -1 = missing
-    dicts: Dict[str, List[pa.Array]] = field(default_factory=dict)
-    dense: List[np.ndarray] = field(default_factory=list)              # [n, Dn] per batch
+    chunks: Dict[str, List[pa.DictionaryArray]] = field(default_factory=dict)
+    dense: Dict[str, List[pa.Array]] = field(default_factory=dict)     # raw numeric columns
     labels: List[np.ndarray] = field(default_factory=list)
     rows: int = 0
 
@@ -107,14 +113,11 @@ def _read_split(files: List[Path], cfg: DataConfig, stats: ReadStats, progress: 
         for batch in iter_batches(path, layout, cfg.read_block_mb, stats, cfg.skip_bad_rows,
                                   cfg.read_whole_mb):
             for f in layout.sparse:
-                d = pc.dictionary_encode(_sparse_column(batch, f))
-                idx = d.indices.to_numpy(zero_copy_only=False)
-                if d.indices.null_count:
-                    idx = np.where(d.indices.is_null().to_numpy(zero_copy_only=False), -1, idx)
-                enc.local.setdefault(f.name, []).append(idx.astype(np.int32))
-                enc.dicts.setdefault(f.name, []).append(d.dictionary)
-            if layout.dense:
-                enc.dense.append(np.stack([_dense_column(batch, f) for f in layout.dense], axis=1))
+                col = _sparse_column(batch, f)   # plain categoricals arrive encoded by the parser
+                d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+                enc.chunks.setdefault(f.name, []).append(d)
+            for f in layout.dense:
+                enc.dense.setdefault(f.name, []).append(batch.column(f.source))
             enc.labels.append(batch.column(layout.label).to_numpy(zero_copy_only=False)
                               .astype(np.float32))
             enc.rows += batch.num_rows
@@ -123,25 +126,22 @@ def _read_split(files: List[Path], cfg: DataConfig, stats: ReadStats, progress: 
     return enc, layout
 
 
-def _merge_dicts(dicts: List[pa.Array]) -> tuple:
-    """Distinct values of a split and, per batch, the map local id -> split-wide id."""
-    types = {d.type for d in dicts}
-    if len(types) > 1:
-        dicts = [d.cast(pa.string()) for d in dicts]
-    allv = pa.concat_arrays(dicts)
-    denc = pc.dictionary_encode(allv)
-    gmap = denc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    bounds = np.cumsum([0] + [len(d) for d in dicts])
-    return denc.dictionary, [gmap[bounds[i]:bounds[i + 1]] for i in range(len(dicts))]
+def _split_ids(chunks: List[pa.DictionaryArray]) -> tuple:
+    """Distinct values of a split and each row's index into them (-1 = missing).
+
+    `unify_dictionaries` merges the per-batch dictionaries and remaps the indices in C++."""
+    if not chunks:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    if len({c.type for c in chunks}) > 1:   # e.g. parquet files typed differently
+        chunks = [c.cast(pa.dictionary(pa.int32(), pa.string())) for c in chunks]
+    col = pa.chunked_array(chunks, type=chunks[0].type).unify_dictionaries()
+    values = col.chunk(0).dictionary
+    idx = pa.chunked_array([c.indices for c in col.chunks], type=col.type.index_type).combine_chunks()
+    return values, pc.fill_null(idx, -1).to_numpy(zero_copy_only=False)
 
 
-def _global_ids(local: List[np.ndarray], maps: List[np.ndarray]) -> List[np.ndarray]:
-    return [np.where(l >= 0, m[np.maximum(l, 0)] if len(m) else 0, -1) for l, m in zip(local, maps)]
-
-
-def _fit_vocab(values: pa.Array, gids: List[np.ndarray], min_count: int) -> tuple:
-    counts = np.bincount(np.concatenate([g[g >= 0] for g in gids]), minlength=len(values)) \
-        if len(values) else np.zeros(0, np.int64)
+def _fit_vocab(values: pa.Array, gids: np.ndarray, min_count: int) -> tuple:
+    counts = np.bincount(gids + 1, minlength=len(values) + 1)[1:]   # slot 0 counts missing
     order = np.argsort(-counts, kind="stable")
     order = order[counts[order] >= min_count]
     remap = np.full(len(values), OOV_ID, dtype=np.int32)
@@ -161,10 +161,21 @@ def _lookup(values: pa.Array, vocab: pa.Array) -> np.ndarray:
     return np.where(found, np.nan_to_num(out, nan=0).astype(np.int64) + 2, OOV_ID).astype(np.int32)
 
 
-def _final_ids(gids: List[np.ndarray], remap: np.ndarray) -> np.ndarray:
-    ids = np.concatenate(gids) if gids else np.zeros(0, np.int64)
-    return np.where(ids >= 0, remap[np.maximum(ids, 0)] if len(remap) else OOV_ID,
-                    MISSING_ID).astype(np.int32)
+def _encode_feature(chunks: List[pa.DictionaryArray], vocab: Optional[tuple], min_count: int,
+                    out: np.ndarray) -> Optional[tuple]:
+    """Write one feature's final ids into `out` (a column of the split's id matrix).
+
+    With `vocab` None this is the training split: the vocabulary is fitted and returned."""
+    values, gids = _split_ids(chunks)
+    fitted = None
+    if vocab is None:
+        vocab_values, counts, remap = _fit_vocab(values, gids, min_count)
+        fitted = (vocab_values, counts)
+    else:
+        remap = _lookup(values, vocab[0])
+    # One gather: missing (-1) picks the appended last slot.
+    np.take(np.append(remap, np.int32(MISSING_ID)).astype(np.int32), gids, out=out)
+    return fitted
 
 
 def _check_output(out: Path, inputs: List[Path], overwrite: bool) -> None:
@@ -202,20 +213,22 @@ def prepare(cfg: Config, progress: bool = True) -> Schema:
             stats = ReadStats()
             enc, lay = _read_split(fs, dc, stats, progress, split)
             layout = layout or lay
-            sparse_cols = []
-            for f in layout.sparse:
-                values, maps = _merge_dicts(enc.dicts[f.name])
-                gids = _global_ids(enc.local[f.name], maps)
-                if split == "train":
-                    vocab, counts, remap = _fit_vocab(values, gids, f.min_count)
-                    vocabs[f.name] = (vocab, counts)
-                else:
-                    remap = _lookup(values, vocabs[f.name][0])
-                sparse_cols.append(_final_ids(gids, remap))
-                enc.local[f.name] = enc.dicts[f.name] = []   # free memory early
-            sparse = (np.stack(sparse_cols, axis=1) if sparse_cols
-                      else np.zeros((enc.rows, 0), np.int32))
-            dense = np.concatenate(enc.dense) if enc.dense else np.zeros((enc.rows, 0), np.float32)
+            sparse = np.empty((enc.rows, len(layout.sparse)), np.int32)
+            dense = np.empty((enc.rows, len(layout.dense)), np.float32)
+            # Features are independent and numpy/pyarrow release the GIL: one thread per core.
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                jobs = {f.name: pool.submit(_encode_feature, enc.chunks.pop(f.name, []),
+                                            vocabs.get(f.name) if split != "train" else None,
+                                            f.min_count, sparse[:, j])
+                        for j, f in enumerate(layout.sparse)}
+                dense_jobs = [pool.submit(_dense_column, enc.dense.pop(f.name, []), f, dense[:, j])
+                              for j, f in enumerate(layout.dense)]
+                for name, job in jobs.items():
+                    fitted = job.result()
+                    if fitted is not None:
+                        vocabs[name] = fitted
+                for job in dense_jobs:
+                    job.result()
             labels = np.concatenate(enc.labels) if enc.labels else np.zeros(0, np.float32)
             shards = write_shards(tmp, split, sparse, dense, labels, dc.shard_rows)
             stats.rows_written = int(labels.shape[0])

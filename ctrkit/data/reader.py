@@ -55,6 +55,7 @@ def _csv_options(layout: Layout, block_mb: int, stats: ReadStats, skip_bad: bool
     types = {layout.label: pa.int64()}
     types.update({c: pa.float64() for c in layout.numeric_sources})
     types.update({c: pa.string() for c in layout.string_sources})
+    types.update({c: pa.dictionary(pa.int32(), pa.string()) for c in layout.dict_sources})
     if skip_bad:  # numerics are validated per value below, so read them as text
         types.update({c: pa.string() for c in layout.numeric_sources})
         types[layout.label] = pa.string()
@@ -102,11 +103,12 @@ def iter_batches(path: Path, layout: Layout, block_mb: int, stats: ReadStats,
     if layout.format == "parquet":
         yield from _iter_parquet(path, layout, stats)
         return
+    whole = path.stat().st_size <= whole_file_mb << 20
     read, parse, convert = _csv_options(layout, block_mb, stats, skip_bad, path)
     n_rows = 0
     try:
         stream = pa.input_stream(str(path), compression="detect")
-        if path.stat().st_size <= whole_file_mb << 20:
+        if whole:
             # Small enough to hold: read_csv parses all blocks in parallel (~2.5x the streaming
             # reader's speed here); larger files stream block by block in bounded memory.
             table = pacsv.read_csv(stream, read_options=read, parse_options=parse,

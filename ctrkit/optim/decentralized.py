@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ctrkit.comm.exchange import NeighborExchange
 from ctrkit.comm.topology import Topology
 from ctrkit.optim.build import split_parameters
-from ctrkit.optim.sparse import rows_and_grads
+from ctrkit.optim.sparse import add_rows_, rows_and_grads
 
 
 class RowGossip:
@@ -50,12 +50,12 @@ class RowGossip:
         keep = q.ne(0).flatten(1).any(dim=1)
         rows, q = rows[keep], q[keep]
         got = exchange.rows(rows, q)
-        xhat.index_add_(0, rows, q)
-        s.index_add_(0, rows, q, alpha=topo.self_weight(rank))
+        add_rows_(xhat, rows, q)
+        add_rows_(s, rows, q, alpha=topo.self_weight(rank))
         changed = [rows]
         for j, w in topo.neighbor_weights(rank).items():
             r, v = got[j]
-            s.index_add_(0, r, v.view((-1,) + tuple(s.shape[1:])), alpha=w)
+            add_rows_(s, r, v.view((-1,) + tuple(s.shape[1:])), alpha=w)
             changed.append(r)
         ch = torch.unique(torch.cat(changed))
         self.x.index_copy_(0, ch, s.index_select(0, ch))
@@ -150,16 +150,16 @@ class DecentralizedOptimizer(Optimizer):
                 vhat_old = st["vhat"].index_select(0, rows)
                 vhat_new = torch.maximum(vhat_old, v)
             elif rows is not None:   # dpsgd: local SGD step on touched rows, before gossip
-                p.data.index_add_(0, rows, g, alpha=-group["lr"])
+                add_rows_(p.data, rows, g, alpha=-group["lr"])
                 xg.mark(rows)
             xg.step(self.exchange, self.topo, self.rank)
             if ug is not None:
                 ug.step(self.exchange, self.topo, self.rank)
             if self.adaptive and rows is not None:
-                st["u"].index_add_(0, rows, vhat_new - vhat_old)
+                add_rows_(st["u"], rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)
                 u = st["u"].index_select(0, rows).clamp(min=group["eps"]).sqrt()
-                p.data.index_add_(0, rows, m / u, alpha=-group["lr"])
+                add_rows_(p.data, rows, m / u, alpha=-group["lr"])
                 xg.mark(rows)
                 ug.mark(rows)
 

@@ -26,6 +26,13 @@ def rows_and_grads(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return rows, vals.new_zeros(rows.numel(), vals.shape[1]).index_add_(0, inverse, vals)
 
 
+def add_rows_(p: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
+    """p[rows] += alpha * delta for *distinct* rows: gather, add, scatter back.
+
+    On CPU `index_add_` runs serially and took 3-4x as long as this for 60k rows of width 16."""
+    p.index_copy_(0, rows, p.index_select(0, rows).add_(delta, alpha=alpha))
+
+
 class _RowSparseOptimizer(Optimizer):
     """Shared loop: per parameter, the touched rows and their (weight-decayed) gradient rows."""
 
@@ -80,7 +87,7 @@ class RowSparseAdam(_RowSparseOptimizer):
         state["moments"].index_copy_(0, rows, mom)
         step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         denom = v.sqrt().add_(group["eps"] * math.sqrt(1 - b2 ** t))
-        p.index_add_(0, rows, m / denom, alpha=-step_size)
+        add_rows_(p, rows, m.div_(denom), alpha=-step_size)
 
 
 class RowSparseAdagrad(_RowSparseOptimizer):
@@ -98,7 +105,7 @@ class RowSparseAdagrad(_RowSparseOptimizer):
         s = state["sum"].index_select(0, rows).add_(
             g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2)
         state["sum"].index_copy_(0, rows, s)
-        p.index_add_(0, rows, g.div_(s.sqrt_().add_(group["eps"])), alpha=-group["lr"])
+        add_rows_(p, rows, g.div_(s.sqrt_().add_(group["eps"])), alpha=-group["lr"])
 
 
 class RowSparseSGD(_RowSparseOptimizer):
@@ -109,4 +116,4 @@ class RowSparseSGD(_RowSparseOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     def _update(self, p, group, state, rows, g) -> None:
-        p.index_add_(0, rows, g, alpha=-group["lr"])
+        add_rows_(p, rows, g, alpha=-group["lr"])

@@ -32,6 +32,7 @@ from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
 from ctrkit.optim.build import build_optimizers
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctrkit.train.evaluate import evaluate_split
+from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, write_json
 
 LAST, BEST = "last.pt", "best.pt"
@@ -359,6 +360,7 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
         return RunResult(json.loads((run_dir / "metrics.json").read_text()), run_dir, None)
     env = init_distributed(cfg)
     set_threads(tc.threads or (1 if env.active else 0))
+    keep_freed_memory()
     try:
         return _train_rank(cfg, env)
     except (RuntimeError, dist.DistError) as e:
