@@ -11,6 +11,7 @@ measured in the same process with the variants alternated round by round (median
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from ctrkit.data.schema import Schema
 from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.layers import fm_interaction
-from ctrkit.optim.build import build_optimizers
+from ctrkit.optim.build import build_optimizers, worker_lr_scale
 from ctrkit.train.memory import keep_freed_memory
 
 
@@ -191,12 +192,25 @@ def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 3) -> Dict[str, ob
 
 def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
     if what == "scaling":
+        train_file = Path(cfg.data.train or "")
+        if not train_file.exists() and train_file.parent == Path(cfg.synth.out_dir):
+            from ctrkit.cli import cmd_synth   # the study's own synthetic data, made on first use
+            cmd_synth(cfg, args)
         out = Path(args.out) if args.out else Path("bench/results/scaling")
         out.mkdir(parents=True, exist_ok=True)
         workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "1,2,4,8").split(","))
         algos = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(SCALING_ALGOS)).split(","))
         return run_scaling(cfg, out, workers=workers, algorithms=algos,
                            iterations=int(os.environ.get("CTRKIT_BENCH_ITERS", "0")))
+    if what == "compression":
+        out = Path(args.out) if args.out else Path("bench/results/compression")
+        out.mkdir(parents=True, exist_ok=True)
+        workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "4,8").split(","))
+        settings = os.environ.get("CTRKIT_BENCH_COMPRESSORS", ",".join(COMPRESSION_SETTINGS))
+        refs = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(COMPRESSION_REFERENCES)).split(","))
+        return run_compression(cfg, out, workers=workers, settings=tuple(settings.split(",")),
+                               references=refs,
+                               samples=int(float(os.environ.get("CTRKIT_BENCH_SAMPLES", "0"))))
     if what != "throughput":
         raise CtrkitError(f"unknown benchmark '{what}'")
     from ctrkit.train.trainer import load_or_prepare
@@ -234,59 +248,83 @@ def _valid_curve(run_dir: Path) -> List[dict]:
 
 
 def _iters_to(curve: List[dict], target: float):
-    return next((c["step"] for c in curve if c["logloss"] <= target), None)
+    """Iterations at which the validation logloss first reaches `target`, interpolated linearly
+    between the two evaluations around the crossing (None if it never does)."""
+    prev = None
+    for c in curve:
+        if c["logloss"] <= target:
+            if prev is None or prev["logloss"] == c["logloss"]:
+                return float(c["step"])
+            frac = (prev["logloss"] - target) / (prev["logloss"] - c["logloss"])
+            return prev["step"] + frac * (c["step"] - prev["step"])
+        prev = c
+    return None
 
 
 def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING_ALGOS,
-                topologies=("ring", "exponential"), iterations: int = 0, evals: int = 20,
-                dpsgd_lr: float = 0.05) -> Dict[str, object]:
+                topologies=("ring", "exponential"), iterations: int = 0, evals: int = 16,
+                dpsgd_lr: float = 0.05, horizon: float = 2.5,
+                baseline_only: Sequence[str] = ("dpsgd", "local")) -> Dict[str, object]:
     """Statistical efficiency with n workers and a fixed per-worker batch.
 
-    Every run takes the same number of iterations (default: one epoch of the largest n), so n
-    workers see n times the samples; linear speedup means n times fewer iterations to reach the
-    target logloss, which is what the n = 1 `allreduce` run (plain Adam) reaches at the end.
-    Also reported: final AUC/logloss of the averaged model, AUC spread, bytes per worker and step.
-    dpsgd is plain SGD, so it gets its own learning rate (`dpsgd_lr`).
+    n = 1 runs `iterations` steps (default: 1 / horizon of an epoch); n workers run horizon x
+    iterations / n steps (one epoch of their slices), enough to reach the target if the speedup is
+    at least n / horizon. Linear speedup means
+    n times fewer iterations to the target logloss: the worse of the n = 1 final loglosses of
+    allreduce and damsgrad. Learning rates follow `distributed.lr_scaling` (the shipped config:
+    auto, i.e. sqrt for allreduce/Adam and linear for damsgrad). Algorithms in `baseline_only` run
+    only at the largest two n, for the final-AUC comparison; dpsgd is plain SGD at `dpsgd_lr`,
+    unscaled. Also reported: final AUC/logloss of the averaged model, AUC spread, bytes per step.
     """
     from ctrkit.comm.topology import build_topology
     from ctrkit.train.trainer import load_or_prepare, train
     schema = load_or_prepare(cfg, progress=False)
     rows = schema.splits["train"].rows_written
     bs = cfg.train.batch_size
-    iterations = iterations or rows // (max(workers) * bs)
+    # n = 1 runs rows / (horizon * batch) steps, so every n > 1 run ends after exactly one epoch of
+    # its slice (a second pass over the same rows overfits and would bend the curves).
+    iterations = iterations or int(rows // (horizon * bs))
     runs = []
     for algo in algorithms:
+        ns = [n for n in workers if algo not in baseline_only or n in sorted(workers)[-2:]]
         for topo in (topologies if algo in ("dpsgd", "damsgrad") else ("ring",)):
-            for n in workers:
+            for n in ns:
                 if topo != "ring" and build_topology(topo, n).neighbors == build_topology("ring", n).neighbors:
                     continue   # the same graph as the ring at this n
+                steps = iterations if n == 1 else int(math.ceil(horizon * iterations / n))
                 run_dir = Path(cfg.train.run_dir) / f"{algo}-{topo}-n{n}"   # checkpoints stay out of bench/
                 c = cfg.model_copy(deep=True)
                 c.distributed.workers, c.distributed.algorithm, c.distributed.topology = n, algo, topo
                 c.train.run_dir, c.train.overwrite, c.train.resume = str(run_dir), True, False
-                c.train.max_steps = iterations
-                c.train.epochs = max(1, -(-iterations * n * bs // rows))
-                c.train.eval_every = max(1, iterations // evals)
+                c.train.max_steps = steps
+                c.train.epochs = max(1, -(-steps * n * bs // rows))
+                c.train.eval_every = max(1, steps // evals)
+                c.train.checkpoint_every = steps   # a replica's state is ~1 GB: only at the end
                 c.train.early_stop.enabled = c.train.lr_plateau.enabled = False
                 c.train.progress = c.train.tensorboard = c.train.plot = False
                 if algo == "dpsgd":
                     c.optimizer.dense.lr = c.optimizer.sparse.lr = dpsgd_lr
+                    c.distributed.lr_scaling = "none"
                 t = time.time()
                 m = train(c).metrics
-                runs.append({"algorithm": algo, "topology": topo, "workers": n,
+                runs.append({"algorithm": algo, "topology": topo, "workers": n, "iterations": steps,
+                             "samples": steps * n * bs,
+                             "lr_scale": worker_lr_scale(c.distributed.lr_scaling, algo, n),
                              "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
                              "bytes_per_worker_step": m.get("bytes_per_worker_step", 0.0),
                              "auc_spread": m.get("auc_spread", 0.0), "wall_s": round(time.time() - t, 1),
                              "curve": _valid_curve(run_dir)})
-                print(f"scaling: {algo:9s} {topo:11s} n={n}: AUC {runs[-1]['final_auc']:.4f} "
-                      f"logloss {runs[-1]['final_logloss']:.4f}", flush=True)
+                print(f"scaling: {algo:9s} {topo:11s} n={n} ({steps} steps): AUC "
+                      f"{runs[-1]['final_auc']:.4f} logloss {runs[-1]['final_logloss']:.4f} "
+                      f"({runs[-1]['wall_s']} s)", flush=True)
     result = summarize_scaling({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
-                                "batch_per_worker": bs, "iterations": iterations,
+                                "batch_per_worker": bs, "iterations_n1": iterations,
+                                "horizon": horizon, "lr_scaling": cfg.distributed.lr_scaling,
                                 "dpsgd_lr": dpsgd_lr, "runs": runs})
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     _plot_scaling(result, out / "scaling.png")
     return {k: v for k, v in result.items() if k != "runs"} | {
-        "table": [{k: r[k] for k in ("algorithm", "topology", "workers", "final_auc",
+        "table": [{k: r[k] for k in ("algorithm", "topology", "workers", "iterations", "final_auc",
                                      "iters_to_target", "speedup", "bytes_per_worker_step")}
                   for r in runs], "written_to": str(out / "scaling.json")}
 
@@ -301,7 +339,8 @@ def summarize_scaling(result: dict) -> dict:
     for r in runs:
         r["iters_to_target"] = _iters_to(r["curve"], target)
     for r in runs:
-        base = next((b for b in runs if b["algorithm"] == r["algorithm"] and b["workers"] == 1), None)
+        base = next((b for b in runs if b["algorithm"] == r["algorithm"] and b["workers"] == 1
+                     and b["topology"] == "ring"), None)
         r["speedup"] = (base["iters_to_target"] / r["iters_to_target"]
                         if base and base["iters_to_target"] and r["iters_to_target"] else None)
     result["target_logloss"] = target
@@ -328,6 +367,105 @@ def _plot_scaling(result: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------- compression
+COMPRESSION_REFERENCES = ("allreduce", "damsgrad", "dpsgd", "local")
+COMPRESSION_SETTINGS = ("topk:0.01+int8@0.3", "topk:0.01+int8@0.6", "topk:0.03+int8@0.5",
+                        "int8@1.0")
+
+
+def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, **dist_over) -> dict:
+    from ctrkit.train.trainer import train
+    c = cfg.model_copy(deep=True)
+    c.distributed.workers, c.distributed.algorithm = n, algo
+    for k, v in dist_over.items():
+        setattr(c.distributed, k, v)
+    c.train.run_dir, c.train.overwrite, c.train.resume = str(run_dir), True, False
+    c.train.max_steps = c.train.eval_every = c.train.checkpoint_every = steps
+    c.train.early_stop.enabled = c.train.lr_plateau.enabled = False
+    c.train.progress = c.train.tensorboard = c.train.plot = False
+    t = time.time()
+    m = train(c).metrics
+    per_step = m.get("bytes_per_worker_step", 0.0)
+    return {"algorithm": algo, "workers": n, "steps": steps, "samples": steps * n * c.train.batch_size,
+            "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
+            "auc_spread": m.get("auc_spread", 0.0),
+            "consensus_embedding": m.get("consensus_embedding"), "consensus_dense": m.get("consensus_dense"),
+            "bytes_per_worker_step": per_step, "total_bytes_per_worker": per_step * steps,
+            "traffic": {k: v for k, v in m.items() if k.endswith("_per_step") or k == "compression_ratio"},
+            "wall_s": round(time.time() - t, 1)}
+
+
+def run_compression(cfg: Config, out: Path, workers=(4, 8), settings=COMPRESSION_SETTINGS,
+                    references=COMPRESSION_REFERENCES, samples: int = 0) -> Dict[str, object]:
+    """Final AUC/logloss against bytes sent: `choco` with each compressor setting
+    (`spec@gamma`) and the reference algorithms, n workers on a ring, the same samples for all.
+
+    Each n-worker run takes samples / (n x batch) steps (default: half an epoch of the data)."""
+    from ctrkit.train.trainer import load_or_prepare
+    schema = load_or_prepare(cfg, progress=False)
+    rows = schema.splits["train"].rows_written
+    bs = cfg.train.batch_size
+    samples = samples or rows // 2
+    runs = []
+    for n in workers:
+        steps = max(1, samples // (n * bs))
+        plan = [(a, {}) for a in references]
+        for spec in settings:
+            comp, _, gamma = spec.partition("@")
+            plan.append(("choco", {"compressor": comp, "gamma": float(gamma or cfg.distributed.gamma)}))
+        for algo, over in plan:
+            tag = algo if algo != "choco" else f"choco-{over['compressor']}-g{over['gamma']}"
+            r = _run_one(cfg, Path(cfg.train.run_dir) / f"{tag.replace(':', '')}-n{n}", algo, n, steps,
+                         **over)
+            r.update(over)
+            runs.append(r)
+            print(f"compression: n={n} {tag:32s} AUC {r['final_auc']:.4f} logloss "
+                  f"{r['final_logloss']:.4f} {r['total_bytes_per_worker'] / 2**20:9.1f} MB/worker "
+                  f"({r['wall_s']} s)", flush=True)
+    for r in runs:
+        ref = next((x for x in runs if x["algorithm"] == "damsgrad" and x["workers"] == r["workers"]), None)
+        if ref and ref["total_bytes_per_worker"]:
+            r["bytes_vs_damsgrad"] = r["total_bytes_per_worker"] / ref["total_bytes_per_worker"]
+            r["auc_vs_damsgrad"] = r["final_auc"] - ref["final_auc"]
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "batch_per_worker": bs,
+              "samples": samples, "topology": cfg.distributed.topology, "runs": runs}
+    (out / "compression.json").write_text(json.dumps(result, indent=1))
+    _plot_compression(result, out / "compression.png")
+    return {k: v for k, v in result.items() if k != "runs"} | {
+        "table": [{k: r.get(k) for k in ("algorithm", "compressor", "gamma", "workers", "final_auc",
+                                         "total_bytes_per_worker", "bytes_vs_damsgrad")} for r in runs],
+        "written_to": str(out / "compression.json")}
+
+
+def _plot_compression(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ns = sorted({r["workers"] for r in result["runs"]})
+    fig, axes = plt.subplots(1, len(ns), figsize=(6.5 * len(ns), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        rs = [r for r in result["runs"] if r["workers"] == n]
+        for r in rs:
+            if r["algorithm"] == "choco":
+                x = max(r["total_bytes_per_worker"], 1.0)
+                ax.scatter([x], [r["final_auc"]])
+                ax.annotate(f"{r['compressor']} g={r['gamma']}", (x, r["final_auc"]), fontsize=7)
+        for algo, style in (("damsgrad", "--"), ("allreduce", "-"), ("dpsgd", ":"), ("local", "-.")):
+            ref = next((r for r in rs if r["algorithm"] == algo), None)
+            if ref:
+                ax.axhline(ref["final_auc"], ls=style, color="grey", lw=1,
+                           label=f"{algo} ({ref['total_bytes_per_worker'] / 2**20:.0f} MB)")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent per worker (whole run)")
+        ax.set_ylabel("final AUC (averaged model)")
+        ax.set_title(f"{n} workers, {result['topology']}, {result['samples']:,} samples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

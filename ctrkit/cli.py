@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h)
         if name == "bench":
-            sp.add_argument("what", choices=["throughput", "scaling"], help="which benchmark")
+            sp.add_argument("what", choices=["throughput", "scaling", "compression"], help="which benchmark")
             sp.add_argument("--out", default=None, help="JSON output path")
         sp.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")

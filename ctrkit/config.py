@@ -108,7 +108,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(default=1, ge=1)
     eval_every: int = Field(default=0, ge=0)          # steps; 0 = once per epoch
     max_steps: int = Field(default=0, ge=0)           # 0 = no limit; stops (and checkpoints) after N steps
-    checkpoint_every: int = Field(default=0, ge=0)    # steps; 0 = at each evaluation and at the end
+    checkpoint_every: int = Field(default=0, ge=0)    # steps; 0 = at each evaluation; always at the end
     early_stop: EarlyStopConfig = EarlyStopConfig()
     lr_plateau: PlateauConfig = PlateauConfig()
     threads: int = Field(default=0, ge=0)             # torch intra-op threads; 0 = leave torch's default
@@ -126,7 +126,7 @@ class TrainConfig(_Strict):
 
 class DistributedConfig(_Strict):
     workers: int = Field(default=1, ge=1)   # >1: `ctrkit train` launches this many ranks (torchrun)
-    algorithm: Literal["local", "allreduce", "dpsgd", "damsgrad"] = "local"
+    algorithm: Literal["local", "allreduce", "dpsgd", "damsgrad", "choco"] = "local"
     topology: Literal["ring", "torus", "exponential", "complete", "edges"] = "ring"
     edges: Optional[List[List[int]]] = None     # topology: edges
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -134,6 +134,24 @@ class DistributedConfig(_Strict):
     eps: float = Field(default=1e-8, gt=0)       # damsgrad: step uses m / sqrt(max(u, eps))
     rowwise_tracker: bool = False                # damsgrad: one second moment per embedding row
     max_restarts: int = Field(default=0, ge=0)   # torchrun restarts (resume from the last checkpoint)
+    # Learning rates x n^0 / n^0.5 / n for n workers; auto: sqrt for allreduce with Adam-type
+    # optimizers (square-root rule), linear for allreduce with SGD and for dpsgd/damsgrad.
+    lr_scaling: Literal["none", "sqrt", "linear", "auto"] = "none"
+    # choco: C(x - x_hat) goes to the neighbours (see ctrkit/comm/compress.py for the specs),
+    # x += gamma (s - x_hat); the tracker u is compressed too, or sent exactly every k steps.
+    compressor: str = "topk:0.01+int8"
+    dense_compressor: Optional[str] = None       # None: the same as `compressor`
+    gamma: float = Field(default=0.5, gt=0, le=1)
+    tracker: Literal["compressed", "exact"] = "compressed"
+    tracker_every: int = Field(default=1, ge=1)
+
+    @field_validator("compressor", "dense_compressor")
+    @classmethod
+    def _known_compressor(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from ctrkit.comm.compress import build_compressor
+            build_compressor(v)   # ValueError -> a one-line config error naming the key
+        return v
 
 
 class SynthConfig(_Strict):

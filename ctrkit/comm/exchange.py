@@ -47,6 +47,16 @@ class NeighborExchange:
         self._run({j: flat for j in self.neighbors}, recvs)
         return recvs
 
+    def blobs(self, data: torch.Tensor, what: str = "compressed") -> Dict[int, torch.Tensor]:
+        """Send one uint8 message (any length) to every neighbour; return each neighbour's."""
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        sizes = {j: torch.empty(1, dtype=torch.int64) for j in self.neighbors}
+        self._run({j: size for j in self.neighbors}, sizes, f"{what} sizes")
+        buf = data.contiguous() if data.numel() else torch.zeros(1, dtype=torch.uint8)
+        recvs = {j: torch.empty(max(1, int(sizes[j])), dtype=torch.uint8) for j in self.neighbors}
+        self._run({j: buf for j in self.neighbors}, recvs, what)
+        return {j: b[:int(sizes[j])] for j, b in recvs.items()}
+
     def rows(self, rows: torch.Tensor, values: torch.Tensor) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
         """Send (row ids, [U, D] values) to every neighbour; return each neighbour's pair."""
         d = values.shape[1]

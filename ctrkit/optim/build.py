@@ -37,6 +37,21 @@ def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Para
     return sparse, dense
 
 
+def worker_lr_scale(rule: str, algorithm: str, workers: int, adaptive: bool = True) -> float:
+    """Learning-rate factor for n workers with a fixed per-worker batch.
+
+    allreduce averages gradients over n batches: for SGD the lr scales linearly; for Adam the
+    gradient noise also shrinks the denominator, so the square-root rule matches it. dpsgd and
+    damsgrad average n *steps*, each normalised by a worker's own (per-batch) second moment: the
+    mean step's drift does not grow with n at a fixed lr, only its noise shrinks by sqrt(n), so
+    n-fold progress per step needs an n-fold lr (the rate in the linear-speedup analyses)."""
+    if workers <= 1 or rule == "none" or algorithm == "local":
+        return 1.0
+    if rule == "auto":
+        rule = "sqrt" if (algorithm == "allreduce" and adaptive) else "linear"
+    return float(workers) ** (0.5 if rule == "sqrt" else 1.0)
+
+
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> List[torch.optim.Optimizer]:
     sparse, dense = split_parameters(model)
     opts: List[torch.optim.Optimizer] = []

@@ -9,31 +9,51 @@
   correction comes before the step (DESIGN.md lists it after): otherwise a row's first step divides
   by sqrt(eps), because its tracker does not yet hold the worker's own second moment, and the
   embeddings blow up (seen: logloss 7.9 after 10 steps).
+- `choco`: the same adaptive step, with the gossip done by CHOCO's compressed public copies:
+      q = C(x - x_hat) to the neighbours ; x_hat += q ; s += sum_j W_ij q_j ; x += gamma (s - x_hat)
+  What C leaves out stays in x - x_hat and goes out later (error feedback). With the identity
+  compressor and gamma = 1 this is exactly the `damsgrad` gossip (tested). The tracker u goes
+  through the same compressed gossip, or exactly every `tracker_every` steps.
 
-Dense parameters (and their u) travel as one packed buffer per neighbour and step. Embedding tables
-are row-sparse: moments change only on touched rows, and table gossip uses public copies (x_hat,
-known to the neighbours, and s = sum_j W_ij x_hat_j): only rows where x - x_hat != 0 travel, and
-with the identity compressor and step 1 this is exactly x <- sum_j W_ij x_j.
+Dense parameters travel as one flat vector per neighbour and step. Embedding tables are row-sparse:
+moments change only on touched rows, and table gossip always uses public copies (x_hat, known to
+the neighbours, and s = sum_j W_ij x_hat_j), so only rows where x - x_hat != 0 travel: rows no
+worker touched cost nothing.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ctrkit.comm.compress import Compressor, exact_rows_bytes, unpack_dense, unpack_rows
 from ctrkit.comm.exchange import NeighborExchange
 from ctrkit.comm.topology import Topology
 from ctrkit.optim.build import split_parameters
 from ctrkit.optim.sparse import add_rows_, rows_and_grads
 
+ALGORITHMS = ("dpsgd", "damsgrad", "choco")
+
+
+def _seed(step: int, rank: int, slot: int) -> int:
+    """Seed of one message, known to its receivers (random-k indices are never sent)."""
+    return (step * 1_000_003 + rank) * 64 + slot
+
 
 class RowGossip:
-    """Exact gossip of a row-sparse table through public copies; state lives in `state`."""
+    """Gossip of a row-sparse table through public copies; its state lives in `state`.
 
-    def __init__(self, table: torch.Tensor, state: dict, prefix: str) -> None:
+    `compressor` None sends the rows exactly (fp32 values); otherwise C(x - x_hat) of the rows that
+    differ is sent and the rest stays behind as error feedback. `gamma` is CHOCO's consensus step.
+    """
+
+    def __init__(self, table: torch.Tensor, state: dict, prefix: str,
+                 compressor: Optional[Compressor] = None, gamma: float = 1.0) -> None:
         self.x, self.st, self.p = table, state, prefix
+        self.compressor, self.gamma = compressor, gamma
         if prefix + "hat" not in state:
             state[prefix + "hat"] = table.detach().clone()   # replicas start identical, so
             state[prefix + "sum"] = table.detach().clone()   # s = sum_j W_ij x_hat_j = x_hat
@@ -42,50 +62,148 @@ class RowGossip:
     def mark(self, rows: torch.Tensor) -> None:
         self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"].to(torch.int64), rows])
 
-    def step(self, exchange: NeighborExchange, topo: Topology, rank: int) -> None:
+    def step(self, exchange: NeighborExchange, topo: Topology, rank: int, step: int, slot: int,
+             traffic: Counter) -> None:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
+        d = xhat.shape[1]
         # (Optimizer.load_state_dict casts every state tensor to the parameter's dtype.)
         rows = torch.unique(self.st[self.p + "dirty"].to(torch.int64))
         q = self.x.index_select(0, rows) - xhat.index_select(0, rows)
         keep = q.ne(0).flatten(1).any(dim=1)
         rows, q = rows[keep], q[keep]
-        got = exchange.rows(rows, q)
-        add_rows_(xhat, rows, q)
-        add_rows_(s, rows, q, alpha=topo.self_weight(rank))
-        changed = [rows]
+        n = xhat.shape[0]
+        traffic["exact_bytes"] += exact_rows_bytes(rows.numel(), d, n) * len(topo.neighbors[rank])
+        if self.compressor is None:
+            got = exchange.rows(rows, q)
+            sent_rows, sent = rows, q
+            xhat.index_copy_(0, rows, self.x.index_select(0, rows))   # lossless: x_hat = x exactly
+            traffic["embedding_index_bytes"] += (8 + 4 * rows.numel()) * len(got)
+            traffic["embedding_payload_bytes"] += 4 * q.numel() * len(got)
+        else:
+            packed, sent_rows, sent = self.compressor.roundtrip_rows(rows, q, n, _seed(step, rank, slot))
+            blobs = exchange.blobs(packed.data, "compressed rows")
+            got = {j: unpack_rows(b, self.compressor, d, n, _seed(step, j, slot))
+                   for j, b in blobs.items()}
+            add_rows_(xhat, sent_rows, sent)
+            traffic["embedding_index_bytes"] += (8 + packed.index_bytes) * len(got)
+            traffic["embedding_payload_bytes"] += packed.payload_bytes * len(got)
+        add_rows_(s, sent_rows, sent, alpha=topo.self_weight(rank))
+        changed = [sent_rows]
         for j, w in topo.neighbor_weights(rank).items():
             r, v = got[j]
-            add_rows_(s, r, v.view((-1,) + tuple(s.shape[1:])), alpha=w)
+            add_rows_(s, r, v.view(-1, d), alpha=w)
             changed.append(r)
         ch = torch.unique(torch.cat(changed))
-        self.x.index_copy_(0, ch, s.index_select(0, ch))
-        self.st[self.p + "dirty"] = ch
+        x_ch = self.x.index_select(0, ch)
+        self.x.index_copy_(0, ch, x_ch.add_(s.index_select(0, ch) - xhat.index_select(0, ch),
+                                            alpha=self.gamma))
+        # Rows that still differ from their public copy: unsent residuals and mixed rows.
+        self.st[self.p + "dirty"] = torch.unique(torch.cat([rows, ch]))
+
+
+class DenseGossip:
+    """CHOCO gossip of a flat vector (all dense parameters, or their trackers) via public copies."""
+
+    def __init__(self, state: dict, prefix: str, init: torch.Tensor, compressor: Compressor,
+                 gamma: float) -> None:
+        self.st, self.p, self.compressor, self.gamma = state, prefix, compressor, gamma
+        if prefix + "hat" not in state:
+            state[prefix + "hat"] = init.clone()
+            state[prefix + "sum"] = init.clone()
+
+    def step(self, flat: torch.Tensor, exchange: NeighborExchange, topo: Topology, rank: int,
+             step: int, slot: int, traffic: Counter) -> torch.Tensor:
+        xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
+        packed, sent = self.compressor.roundtrip_dense(flat - xhat, _seed(step, rank, slot))
+        blobs = exchange.blobs(packed.data, "compressed dense")
+        k = len(blobs)
+        traffic["exact_bytes"] += 4 * flat.numel() * k
+        traffic["dense_index_bytes"] += (8 + packed.index_bytes) * k
+        traffic["dense_payload_bytes"] += packed.payload_bytes * k
+        xhat.add_(sent)
+        s.add_(sent, alpha=topo.self_weight(rank))
+        for j, w in topo.neighbor_weights(rank).items():
+            s.add_(unpack_dense(blobs[j], self.compressor, flat.numel(), _seed(step, j, slot)), alpha=w)
+        return flat + self.gamma * (s - xhat)
+
+
+def choco_options(cfg, model: nn.Module) -> dict:
+    """The `choco` keyword arguments of `DecentralizedOptimizer` from a config; checks that the
+    compressors apply to this model's tables and dense vector (at start, not mid-run)."""
+    dc = cfg.distributed
+    if dc.algorithm != "choco":
+        return {}
+    from ctrkit.comm.compress import build_compressor
+    from ctrkit.errors import ConfigError
+    comp = build_compressor(dc.compressor)
+    dense_comp = build_compressor(dc.dense_compressor or dc.compressor)
+    sparse, dense = split_parameters(model)
+    try:
+        for p in sparse:
+            comp.check("rows", p.shape[1])
+        if dense:
+            dense_comp.check("dense", sum(p.numel() for p in dense))
+    except ValueError as e:
+        raise ConfigError(f"distributed.compressor: {e}") from None
+    return dict(compressor=comp, dense_compressor=dense_comp, gamma=dc.gamma, tracker=dc.tracker,
+                tracker_every=dc.tracker_every)
 
 
 class DecentralizedOptimizer(Optimizer):
-    """`dpsgd` or `damsgrad` over a model's dense parameters and row-sparse tables."""
+    """`dpsgd`, `damsgrad` or `choco` over a model's dense parameters and row-sparse tables."""
 
     def __init__(self, model: nn.Module, algorithm: str, topo: Topology, rank: int,
                  exchange: NeighborExchange, dense_lr: float, sparse_lr: float,
-                 betas=(0.9, 0.999), eps: float = 1e-8, rowwise: bool = False) -> None:
+                 betas=(0.9, 0.999), eps: float = 1e-8, rowwise: bool = False,
+                 compressor: Optional[Compressor] = None,
+                 dense_compressor: Optional[Compressor] = None, gamma: float = 1.0,
+                 tracker: str = "compressed", tracker_every: int = 1) -> None:
         sparse, dense = split_parameters(model)
         groups = [g for g in ({"params": dense, "lr": dense_lr, "sparse": False},
                               {"params": sparse, "lr": sparse_lr, "sparse": True}) if g["params"]]
         super().__init__(groups, dict(betas=tuple(betas), eps=eps, rowwise=rowwise))
-        if algorithm not in ("dpsgd", "damsgrad"):
+        if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown decentralized algorithm {algorithm}")
+        if algorithm == "choco" and compressor is None:
+            raise ValueError("choco needs a compressor")
         self.algorithm, self.topo, self.rank, self.exchange = algorithm, topo, rank, exchange
-        self.adaptive = algorithm == "damsgrad"
+        self.adaptive = algorithm in ("damsgrad", "choco")
+        self.compressor = compressor if algorithm == "choco" else None
+        self.dense_compressor = (dense_compressor or compressor) if algorithm == "choco" else None
+        self.gamma = gamma if algorithm == "choco" else 1.0
+        self.tracker, self.tracker_every = tracker, max(1, tracker_every)
+        self.traffic: Counter = Counter()
+
+    def _step_count(self) -> int:
+        """Gossip round counter (in the state so that a resumed run draws the same seeds)."""
+        first = self.param_groups[0]["params"][0]
+        st = self.state[first]
+        if "gossip_step" not in st:
+            st["gossip_step"] = torch.zeros((), dtype=torch.float64)
+        return int(st["gossip_step"])
+
+    def _exact_tracker_round(self, t: int) -> bool:
+        return self.tracker == "exact" and (t + 1) % self.tracker_every == 0
 
     # ------------------------------------------------------------------ dense part
     def _dense_state(self, p: torch.Tensor) -> dict:
         st = self.state[p]
-        if self.adaptive and not st:
+        if self.adaptive and "m" not in st:
             for k in ("m", "v", "vhat", "u"):
                 st[k] = torch.zeros_like(p)
         return st
 
-    def _dense_step(self, group: dict) -> None:
+    def _mix(self, flat: torch.Tensor) -> torch.Tensor:
+        """Exact gossip of a flat vector: sum_j W_ij x_j, one buffer per neighbour."""
+        got = self.exchange.dense(flat)
+        self.traffic["dense_payload_bytes"] += 4 * flat.numel() * len(got)
+        self.traffic["exact_bytes"] += 4 * flat.numel() * len(got)
+        mixed = flat * self.topo.self_weight(self.rank)
+        for j, w in self.topo.neighbor_weights(self.rank).items():
+            mixed.add_(got[j], alpha=w)
+        return mixed
+
+    def _dense_step(self, group: dict, t: int) -> None:
         params = [p for p in group["params"]]
         b1, b2 = group["betas"]
         vhat_new = []
@@ -98,35 +216,41 @@ class DecentralizedOptimizer(Optimizer):
                 vhat_new.append(torch.maximum(st["vhat"], st["v"]))
             else:
                 p.data.add_(g, alpha=-group["lr"])
-        # gossip x (and u): one packed buffer per neighbour
-        parts = [p.data.reshape(-1) for p in params]
-        if self.adaptive:
-            parts += [self.state[p]["u"].reshape(-1) for p in params]
-        flat = torch.cat(parts)
-        got = self.exchange.dense(flat)
-        mixed = flat * self.topo.self_weight(self.rank)
-        for j, w in self.topo.neighbor_weights(self.rank).items():
-            mixed.add_(got[j], alpha=w)
+        flat_x = torch.cat([p.data.reshape(-1) for p in params])
+        flat_u = torch.cat([self.state[p]["u"].reshape(-1) for p in params]) if self.adaptive else None
+        holder = self.state[params[0]]
+        if self.dense_compressor is None:   # exact: x (and u) in one packed buffer per neighbour
+            mixed = self._mix(flat_x if flat_u is None else torch.cat([flat_x, flat_u]))
+            new_x, new_u = mixed[:flat_x.numel()], (mixed[flat_x.numel():] if self.adaptive else None)
+        else:
+            new_x = DenseGossip(holder, "dense_x", flat_x, self.dense_compressor, self.gamma).step(
+                flat_x, self.exchange, self.topo, self.rank, t, 0, self.traffic)
+            if self.tracker == "compressed":
+                new_u = DenseGossip(holder, "dense_u", flat_u, self.dense_compressor, self.gamma).step(
+                    flat_u, self.exchange, self.topo, self.rank, t, 1, self.traffic)
+            else:
+                new_u = self._mix(flat_u) if self._exact_tracker_round(t) else flat_u
         off = 0
         for p in params:
             n = p.numel()
-            p.data.copy_(mixed[off:off + n].view_as(p))
+            p.data.copy_(new_x[off:off + n].view_as(p))
             off += n
         if not self.adaptive:
             return
+        off = 0
         for p, vn in zip(params, vhat_new):
             st = self.state[p]
             n = p.numel()
-            st["u"].copy_(mixed[off:off + n].view_as(p))
+            st["u"].copy_(new_u[off:off + n].view_as(p))
             off += n
             st["u"].add_(vn - st["vhat"])
             st["vhat"].copy_(vn)
             p.data.addcdiv_(st["m"], st["u"].clamp(min=group["eps"]).sqrt(), value=-group["lr"])
 
     # ------------------------------------------------------------------ tables
-    def _table_step(self, group: dict) -> None:
+    def _table_step(self, group: dict, t: int) -> None:
         b1, b2 = group["betas"]
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             st = self.state[p]
             d = p.shape[1]
             dv = 1 if group["rowwise"] else d
@@ -134,8 +258,12 @@ class DecentralizedOptimizer(Optimizer):
                 st["m"] = torch.zeros_like(p)
                 for k in ("v", "vhat", "u"):
                     st[k] = torch.zeros(p.shape[0], dv, dtype=p.dtype)
-            xg = RowGossip(p.data, st, "x")
-            ug = RowGossip(st["u"], st, "u") if self.adaptive else None
+            xg = RowGossip(p.data, st, "x", self.compressor, self.gamma)
+            ug = None
+            if self.adaptive:
+                exact_u = self.compressor is None or self.tracker == "exact"
+                ug = RowGossip(st["u"], st, "u", None if exact_u else self.compressor,
+                               1.0 if exact_u else self.gamma)
             rows = g = None
             if p.grad is not None:
                 rows, g = rows_and_grads(p.grad)
@@ -152,9 +280,10 @@ class DecentralizedOptimizer(Optimizer):
             elif rows is not None:   # dpsgd: local SGD step on touched rows, before gossip
                 add_rows_(p.data, rows, g, alpha=-group["lr"])
                 xg.mark(rows)
-            xg.step(self.exchange, self.topo, self.rank)
-            if ug is not None:
-                ug.step(self.exchange, self.topo, self.rank)
+            xg.step(self.exchange, self.topo, self.rank, t, 2 + 2 * i, self.traffic)
+            if ug is not None and (self.compressor is None or self.tracker == "compressed"
+                                   or self._exact_tracker_round(t)):
+                ug.step(self.exchange, self.topo, self.rank, t, 3 + 2 * i, self.traffic)
             if self.adaptive and rows is not None:
                 add_rows_(st["u"], rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)
@@ -165,12 +294,25 @@ class DecentralizedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        t = self._step_count()
         for group in self.param_groups:
             if group["sparse"]:
-                self._table_step(group)
+                self._table_step(group, t)
             else:
-                self._dense_step(group)
+                self._dense_step(group, t)
+        first = self.param_groups[0]["params"][0]
+        self.state[first]["gossip_step"] += 1
         return None
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(v for k, v in self.traffic.items() if k != "exact_bytes")
+
+    def public_copy_bytes(self) -> int:
+        """Memory held for x_hat and s (and the tracker's), the price of compressed gossip."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for k, v in st.items()
+                   if isinstance(v, torch.Tensor) and (k.endswith("hat") and k != "vhat"
+                                                       or k.endswith("sum")))
 
 
 def average_gradients(model: nn.Module, world: int) -> int:
@@ -211,5 +353,5 @@ def average_gradients(model: nn.Module, world: int) -> int:
         sent += top * (8 + 4 * p.shape[1])
         r = torch.cat([a[:int(s)] for a, s in zip(all_r, sizes)])
         v = torch.cat([a[:int(s)] for a, s in zip(all_v, sizes)]) / world
-        p.grad = torch.sparse_coo_tensor(r.unsqueeze(0), v, p.shape).coalesce()
+        p.grad = torch.sparse_coo_tensor(r.unsqueeze(0), v, p.shape, check_invariants=False).coalesce()
     return sent

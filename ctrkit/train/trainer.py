@@ -29,7 +29,8 @@ from ctrkit.data.schema import SCHEMA_FILE, Schema
 from ctrkit.errors import ConfigError, CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
-from ctrkit.optim.build import build_optimizers
+from ctrkit.optim.build import build_optimizers, worker_lr_scale
+from ctrkit.optim.decentralized import ALGORITHMS as DECENTRALIZED, choco_options
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctrkit.train.evaluate import evaluate_split
 from ctrkit.train.memory import keep_freed_memory
@@ -97,12 +98,26 @@ class Trainer:
         self.model = build_training_model(cfg, schema)
         # dpsgd/damsgrad keep their own update rule on a single worker too (no neighbours), so
         # n = 1 is the honest baseline of a scaling curve; allreduce on one worker is local Adam.
-        self.algorithm = dc.algorithm if (env.active or dc.algorithm in ("dpsgd", "damsgrad")) \
+        self.algorithm = dc.algorithm if (env.active or dc.algorithm in DECENTRALIZED) \
             else "local"
         self.topology = None
         self.exchange = None
         self.comm_bytes = 0
-        if self.algorithm in ("dpsgd", "damsgrad"):
+        scale = worker_lr_scale(dc.lr_scaling, self.algorithm, env.world,
+                                adaptive=cfg.optimizer.dense.name in ("adam", "adamw", "adagrad"))
+        if scale != 1.0:
+            o = cfg.optimizer
+            cfg = cfg.model_copy(update={"optimizer": o.model_copy(update={
+                "dense": o.dense.model_copy(update={"lr": o.dense.lr * scale}),
+                "sparse": o.sparse.model_copy(update={
+                    "lr": o.sparse.lr * scale,
+                    "lr_overrides": {k: v * scale for k, v in o.sparse.lr_overrides.items()}})})})
+            self.cfg = cfg
+            if env.rank == 0:
+                print(f"ctrkit: {dc.lr_scaling} lr scaling for {env.world} workers: learning rates "
+                      f"x{scale:.3g} (dense {cfg.optimizer.dense.lr:.3g}, tables "
+                      f"{cfg.optimizer.sparse.lr:.3g})", flush=True)
+        if self.algorithm in DECENTRALIZED:
             from ctrkit.comm.exchange import NeighborExchange
             from ctrkit.comm.topology import build_topology
             from ctrkit.optim.decentralized import DecentralizedOptimizer
@@ -114,7 +129,13 @@ class Trainer:
             self.optimizers = [DecentralizedOptimizer(
                 self.model, self.algorithm, self.topology, env.rank, self.exchange,
                 dense_lr=cfg.optimizer.dense.lr, sparse_lr=so.lr, betas=tuple(so.betas),
-                eps=dc.eps, rowwise=dc.rowwise_tracker)]
+                eps=dc.eps, rowwise=dc.rowwise_tracker, **choco_options(cfg, self.model))]
+            if self.algorithm == "choco" and env.is_main:
+                mb = self.optimizers[0].public_copy_bytes() / 2 ** 20
+                print(f"ctrkit: choco with {dc.compressor} (dense {dc.dense_compressor or dc.compressor}), "
+                      f"gamma {dc.gamma}, tracker {dc.tracker}"
+                      + (f" every {dc.tracker_every} steps" if dc.tracker == "exact" else "")
+                      + f"; public copies x_hat and s hold {mb:.1f} MB per worker", flush=True)
         else:
             self.optimizers = build_optimizers(self.model, cfg.optimizer)
         mode = "max" if tc.early_stop.monitor == "valid_auc" else "min"
@@ -140,6 +161,18 @@ class Trainer:
     def bytes_sent(self) -> int:
         return self.comm_bytes + (self.exchange.bytes_sent if self.exchange else 0)
 
+    def traffic(self) -> Dict[str, float]:
+        """Gossip bytes per worker and step by kind, what exact gossip would have sent, the ratio."""
+        opt = self.optimizers[0] if self.optimizers else None
+        tr = getattr(opt, "traffic", None)
+        if not tr:
+            return {}
+        steps = max(self.step, 1)
+        out = {f"{k}_per_step": v / steps for k, v in sorted(tr.items())}
+        sent = sum(v for k, v in tr.items() if k != "exact_bytes")
+        out["compression_ratio"] = tr["exact_bytes"] / sent if sent else 1.0
+        return out
+
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"model": self.model.state_dict(),
@@ -149,7 +182,8 @@ class Trainer:
                 "samples": self.samples, "best": self.best, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
                 "train_seconds": self.train_seconds, "rng": rng_state(),
-                "bytes_sent": self.bytes_sent}
+                "bytes_sent": self.bytes_sent,
+                "traffic": dict(getattr(self.optimizers[0], "traffic", {})) if self.optimizers else {}}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -162,6 +196,8 @@ class Trainer:
             setattr(self, k, st[k])
         set_rng_state(st["rng"])
         self.comm_bytes = st.get("bytes_sent", 0)
+        if self.optimizers and hasattr(self.optimizers[0], "traffic"):
+            self.optimizers[0].traffic.update(st.get("traffic", {}))
         self._sync_fused_lr()
 
     def last_name(self) -> str:
@@ -215,7 +251,8 @@ class Trainer:
         stop = broadcast_flag(tc.early_stop.enabled and self.bad_evals >= tc.early_stop.patience,
                               self.env)
         self.stopped_early = self.stopped_early or stop
-        self.save(LAST)
+        if not tc.checkpoint_every:   # otherwise checkpoints keep their own schedule
+            self.save(LAST)
         return stop
 
     def _validate(self) -> tuple:
@@ -239,7 +276,7 @@ class Trainer:
         self.last_eval = {"auc_spread": max(aucs) - min(aucs), "auc_min": min(aucs),
                           "consensus_embedding": net["consensus_embedding"],
                           "consensus_dense": net["consensus_dense"],
-                          "bytes_per_worker_step": self.bytes_sent / steps}
+                          "bytes_per_worker_step": self.bytes_sent / steps, **self.traffic()}
         return {"auc": float(t[0]), "logloss": float(t[1]), "rows": own["rows"]}, net["state"]
 
     def _sync_fused_lr(self) -> None:
@@ -270,6 +307,7 @@ class Trainer:
             for batch in self.train_loader:
                 loss = self.train_step(batch)
                 self.step += 1
+                _injected_fault(self.step, self.env.rank)
                 self.batch_in_epoch += 1
                 self.samples += batch.size
                 loss_sum, loss_n = loss_sum + loss, loss_n + 1
@@ -286,7 +324,7 @@ class Trainer:
                     evaluated_at = self.step
                     if self._evaluate(logger):
                         stop = True
-                elif tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save(LAST)
                 if tc.max_steps and self.step >= tc.max_steps:
                     stop = True
@@ -299,7 +337,9 @@ class Trainer:
                 self.batch_in_epoch = 0
                 if evaluated_at != self.step and self._evaluate(logger):
                     stop = True
-            else:
+                if tc.checkpoint_every and self.step % tc.checkpoint_every:
+                    self.save(LAST)   # (evaluations did not save it)
+            elif not (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
                 self.save(LAST)
 
     def final_metrics(self) -> dict:
@@ -371,6 +411,16 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
                           f"distributed.timeout_s={cfg.distributed.timeout_s:g})") from None
     finally:
         shutdown()
+
+
+def _injected_fault(step: int, rank: int) -> None:
+    """Test hook for torchrun restarts: CTRKIT_TEST_KILL="RANK:STEP" hard-kills that rank at that
+    step of the first attempt (no cleanup, like a lost machine)."""
+    spec = os.environ.get("CTRKIT_TEST_KILL")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        r, s = (int(x) for x in spec.split(":"))
+        if (r, s) == (rank, step):
+            os._exit(17)
 
 
 def _train_rank(cfg: Config, env: DistEnv) -> RunResult:

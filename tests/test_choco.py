@@ -1,0 +1,125 @@
+"""`choco`: compressed gossip with public copies and error feedback, on gloo with real processes."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ctrkit.comm.compress import build_compressor
+from ctrkit.comm.exchange import NeighborExchange
+from ctrkit.comm.topology import build_topology
+from ctrkit.config import load_config
+from ctrkit.errors import ConfigError
+from ctrkit.optim.decentralized import DecentralizedOptimizer, choco_options
+from test_decentralized import ROWS, TOUCHED, Tiny, _batch, _gather, _init, _spawn
+
+
+def _train(rank, world, algorithm, steps, **kw):
+    torch.manual_seed(0)
+    model = Tiny()
+    topo = build_topology("ring", world)
+    ex = NeighborExchange(rank, topo.neighbors[rank], num_rows_hint=2 * ROWS)
+    opt = DecentralizedOptimizer(model, algorithm, topo, rank, ex, dense_lr=0.01, sparse_lr=0.01, **kw)
+    gen = torch.Generator().manual_seed(100 + rank)
+    snaps = []
+    for _ in range(steps):
+        kjt, y = _batch(gen)
+        nn.functional.binary_cross_entropy_with_logits(model(kjt), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        snaps.append([p.detach().clone() for p in model.parameters()])
+    return model, opt, snaps
+
+
+def _identity_vs_damsgrad(rank, world, port, out):
+    _init(rank, world, port)
+    try:
+        _, _, dams = _train(rank, world, "damsgrad", 6)
+        ident = build_compressor("identity")
+        _, opt, choco = _train(rank, world, "choco", 6, compressor=ident, dense_compressor=ident,
+                               gamma=1.0)
+        out[rank] = (max(float((a - b).abs().max()) for sa, sb in zip(dams, choco)
+                         for a, b in zip(sa, sb)), opt.traffic["exact_bytes"], opt.bytes_sent)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_identity_compressor_with_gamma_one_is_damsgrad_step_for_step():
+    res = _spawn(_identity_vs_damsgrad, 3)
+    for diff, exact, sent in res:
+        assert diff < 1e-6, diff
+        assert exact > 0 and sent > 0
+
+
+def _compressed(rank, world, port, out):
+    _init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        init = Tiny().emb.weight.detach().clone()
+        model, opt, _ = _train(rank, world, "choco", 60,
+                               compressor=build_compressor("topk:0.3+int8"),
+                               dense_compressor=build_compressor("topk:0.3+int8"), gamma=0.8)
+        st = opt.state[model.emb.weight]
+        w = model.emb.weight.detach()
+        untouched = torch.cat([torch.arange(TOUCHED, ROWS), ROWS + torch.arange(TOUCHED, ROWS)])
+        # Error feedback: x - x_hat is exactly what has not been sent yet; rows nobody touched have
+        # nothing pending and are bit-identical to the start.
+        pending = w - st["xhat"]
+        allw = _gather(w)
+        spread = float((allw - allw.mean(0)).abs().max())   # damsgrad here: 0.049
+        out[rank] = (torch.equal(w[untouched], init[untouched]),
+                     float(pending[untouched].abs().max()), spread,
+                     opt.traffic["exact_bytes"], opt.bytes_sent, opt.public_copy_bytes(),
+                     bool(torch.isfinite(w).all()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compressed_gossip_sends_less_keeps_replicas_close_and_untouched_rows_free():
+    res = _spawn(_compressed, 4)
+    for same, pending, spread, exact, sent, mem, finite in res:
+        assert same and pending == 0.0 and finite
+        assert sent < exact / 3, (sent, exact)         # top-30 % rows + int8
+        assert spread < 0.1, spread
+        assert mem > 0
+
+
+def test_error_feedback_accounts_for_everything_sent():
+    """x_hat + (x - x_hat) = x, and x_hat only ever moves by what was decoded on the wire: after a
+    round the residual is exactly the part the compressor left out."""
+    c = build_compressor("topk:0.25+int8")
+    g = torch.Generator().manual_seed(0)
+    x, xhat = torch.randn(40, 8, generator=g), torch.zeros(40, 8)
+    rows = torch.arange(40)
+    total_sent = torch.zeros(40, 8)
+    for t in range(30):
+        q = x - xhat
+        _, r, v = c.roundtrip_rows(rows, q, 40, seed=t)
+        xhat.index_add_(0, r, v)
+        total_sent.index_add_(0, r, v)
+        assert torch.equal(xhat, total_sent)                       # x_hat is the sum of messages
+        assert torch.allclose(total_sent + (x - xhat), x)           # sent + remaining = difference
+    assert float((x - xhat).norm()) < 0.05 * float(x.norm())       # the residual drains
+
+
+@pytest.mark.parametrize("override,msg", [
+    (["distributed.compressor=nope"], "unknown name"),
+    (["distributed.compressor=topk:2"], "topk"),
+    (["distributed.gamma=0"], "gamma"),
+    (["distributed.gamma=1.5"], "gamma"),
+    (["distributed.dense_compressor=int4:block=512"], "int4"),
+])
+def test_bad_choco_settings_fail_at_start(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, ["distributed.algorithm=choco", *override])
+
+
+def test_compressor_that_cannot_apply_is_rejected_before_training():
+    cfg = load_config(None, ["distributed.algorithm=choco", "distributed.compressor=int4:block=64"])
+    ok = choco_options(cfg, Tiny())             # width 4 rows, 5-value dense: fine
+    assert ok["gamma"] == 0.5
+    wide = nn.Module()
+    wide.emb = Tiny().emb
+    wide.lin = nn.Linear(8, 1)
+    cfg = load_config(None, ["distributed.algorithm=choco", "distributed.compressor=sign:block=4",
+                             "distributed.dense_compressor=int8"])
+    assert choco_options(cfg, wide)["compressor"].name.startswith("sign")
