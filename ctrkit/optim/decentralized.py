@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -40,7 +41,7 @@ ALGORITHMS = ("dpsgd", "damsgrad", "choco")
 
 def _seed(step: int, rank: int, slot: int) -> int:
     """Seed of one message, known to its receivers (random-k indices are never sent)."""
-    return (step * 1_000_003 + rank) * 64 + slot
+    return (step * 1_000_003 + rank) * 4096 + slot   # slots: 0-1 dense, 2 + 2i / 3 + 2i table i
 
 
 class RowGossip:
@@ -57,27 +58,34 @@ class RowGossip:
         if prefix + "hat" not in state:
             state[prefix + "hat"] = table.detach().clone()   # replicas start identical, so
             state[prefix + "sum"] = table.detach().clone()   # s = sum_j W_ij x_hat_j = x_hat
-            state[prefix + "dirty"] = torch.zeros(0, dtype=torch.int64)
+            # Row ids as numpy: Optimizer.load_state_dict casts state *tensors* to the parameter's
+            # dtype, and float32 cannot hold row ids above 2**24.
+            state[prefix + "dirty"] = np.zeros(0, dtype=np.int64)
 
     def mark(self, rows: torch.Tensor) -> None:
-        self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"].to(torch.int64), rows])
+        self.st[self.p + "dirty"] = np.concatenate([self._dirty(), rows.numpy()])
+
+    def _dirty(self) -> np.ndarray:
+        d = self.st[self.p + "dirty"]
+        return (d.numpy() if isinstance(d, torch.Tensor) else np.asarray(d)).astype(np.int64)
 
     def step(self, exchange: NeighborExchange, topo: Topology, rank: int, step: int, slot: int,
              traffic: Counter) -> None:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
         d = xhat.shape[1]
-        # (Optimizer.load_state_dict casts every state tensor to the parameter's dtype.)
-        rows = torch.unique(self.st[self.p + "dirty"].to(torch.int64))
+        rows = torch.from_numpy(np.unique(self._dirty()))
         q = self.x.index_select(0, rows) - xhat.index_select(0, rows)
         keep = q.ne(0).flatten(1).any(dim=1)
         rows, q = rows[keep], q[keep]
         n = xhat.shape[0]
         traffic["exact_bytes"] += exact_rows_bytes(rows.numel(), d, n) * len(topo.neighbors[rank])
+        settled = None
         if self.compressor is None:
             got = exchange.rows(rows, q)
             sent_rows, sent = rows, q
             xhat.index_copy_(0, rows, self.x.index_select(0, rows))   # lossless: x_hat = x exactly
-            traffic["embedding_index_bytes"] += (8 + 4 * rows.numel()) * len(got)
+            id_bytes = torch.empty(0, dtype=exchange.id_dtype).element_size() * rows.numel()
+            traffic["embedding_index_bytes"] += (8 + id_bytes + (4 if rows.numel() == 0 else 0)) * len(got)
             traffic["embedding_payload_bytes"] += 4 * q.numel() * len(got)
         else:
             packed, sent_rows, sent = self.compressor.roundtrip_rows(rows, q, n, _seed(step, rank, slot))
@@ -87,18 +95,24 @@ class RowGossip:
             add_rows_(xhat, sent_rows, sent)
             traffic["embedding_index_bytes"] += (8 + packed.index_bytes) * len(got)
             traffic["embedding_payload_bytes"] += packed.payload_bytes * len(got)
+            # A residual below the coder's resolution decodes to zero and would be re-sent forever
+            # (e.g. fp16 underflow): such rows leave the dirty set until they are touched again.
+            settled = sent_rows[sent.eq(0).all(dim=1)]
         add_rows_(s, sent_rows, sent, alpha=topo.self_weight(rank))
-        changed = [sent_rows]
+        changed = [rows]   # CHOCO's consensus step reaches every candidate row, sent or not
         for j, w in topo.neighbor_weights(rank).items():
             r, v = got[j]
             add_rows_(s, r, v.view(-1, d), alpha=w)
             changed.append(r)
         ch = torch.unique(torch.cat(changed))
-        x_ch = self.x.index_select(0, ch)
-        self.x.index_copy_(0, ch, x_ch.add_(s.index_select(0, ch) - xhat.index_select(0, ch),
-                                            alpha=self.gamma))
-        # Rows that still differ from their public copy: unsent residuals and mixed rows.
-        self.st[self.p + "dirty"] = torch.unique(torch.cat([rows, ch]))
+        step = (s.index_select(0, ch) - xhat.index_select(0, ch)).mul_(self.gamma)
+        self.x.index_copy_(0, ch, self.x.index_select(0, ch).add_(step))
+        # Rows that may differ from their public copy: unsent residuals and mixed rows. A settled
+        # row (nothing decodable left to send) that the consensus step did not move is done.
+        if settled is not None and settled.numel():
+            done = torch.isin(ch, settled) & step.eq(0).all(dim=1)
+            ch = ch[~done]
+        self.st[self.p + "dirty"] = ch.numpy().copy()
 
 
 class DenseGossip:
@@ -177,10 +191,7 @@ class DecentralizedOptimizer(Optimizer):
     def _step_count(self) -> int:
         """Gossip round counter (in the state so that a resumed run draws the same seeds)."""
         first = self.param_groups[0]["params"][0]
-        st = self.state[first]
-        if "gossip_step" not in st:
-            st["gossip_step"] = torch.zeros((), dtype=torch.float64)
-        return int(st["gossip_step"])
+        return int(self.state[first].get("gossip_step", 0))   # a Python int: never dtype-cast
 
     def _exact_tracker_round(self, t: int) -> bool:
         return self.tracker == "exact" and (t + 1) % self.tracker_every == 0
@@ -301,7 +312,7 @@ class DecentralizedOptimizer(Optimizer):
             else:
                 self._dense_step(group, t)
         first = self.param_groups[0]["params"][0]
-        self.state[first]["gossip_step"] += 1
+        self.state[first]["gossip_step"] = t + 1
         return None
 
     @property
