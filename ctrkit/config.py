@@ -141,7 +141,7 @@ class DistributedConfig(_Strict):
     # x += gamma (s - x_hat); the tracker u is compressed too, or sent exactly every k steps.
     compressor: str = "topk:0.01+int8"
     dense_compressor: Optional[str] = None       # None: the same as `compressor`
-    gamma: float = Field(default=0.5, gt=0, le=1)
+    gamma: float = Field(default=0.3, gt=0, le=1)
     tracker: Literal["compressed", "exact"] = "compressed"
     tracker_every: int = Field(default=1, ge=1)
 
