@@ -123,3 +123,24 @@ def test_compressor_that_cannot_apply_is_rejected_before_training():
     cfg = load_config(None, ["distributed.algorithm=choco", "distributed.compressor=sign:block=4",
                              "distributed.dense_compressor=int8"])
     assert choco_options(cfg, wide)["compressor"].name.startswith("sign")
+
+
+def test_row_ids_survive_a_state_dict_round_trip_uncast():
+    """Optimizer.load_state_dict casts state tensors to the parameter dtype; row ids above 2**24
+    would round in float32, so the decentralized optimizer restores them as int64."""
+    import copy
+
+    from ctrkit.comm.topology import build_topology
+    model = Tiny()
+    opt = DecentralizedOptimizer(model, "damsgrad", build_topology("ring", 1), 0,
+                                 NeighborExchange(0, []), dense_lr=0.01, sparse_lr=0.01)
+    big = torch.tensor([3, 2 ** 24 + 9, 2 ** 24 + 11], dtype=torch.int64)
+    opt.state[model.emb.weight]["xdirty"] = big
+    opt.state[opt.param_groups[0]["params"][0]]["gossip_step"] = 7
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = DecentralizedOptimizer(model, "damsgrad", build_topology("ring", 1), 0,
+                                  NeighborExchange(0, []), dense_lr=0.01, sparse_lr=0.01)
+    opt2.load_state_dict(sd)
+    got = opt2.state[model.emb.weight]["xdirty"]
+    assert got.dtype == torch.int64 and torch.equal(got, big)
+    assert opt2._step_count() == 7

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -58,22 +57,17 @@ class RowGossip:
         if prefix + "hat" not in state:
             state[prefix + "hat"] = table.detach().clone()   # replicas start identical, so
             state[prefix + "sum"] = table.detach().clone()   # s = sum_j W_ij x_hat_j = x_hat
-            # Row ids as numpy: Optimizer.load_state_dict casts state *tensors* to the parameter's
-            # dtype, and float32 cannot hold row ids above 2**24.
-            state[prefix + "dirty"] = np.zeros(0, dtype=np.int64)
+            # int64 row ids; DecentralizedOptimizer.load_state_dict restores them uncast.
+            state[prefix + "dirty"] = torch.zeros(0, dtype=torch.int64)
 
     def mark(self, rows: torch.Tensor) -> None:
-        self.st[self.p + "dirty"] = np.concatenate([self._dirty(), rows.numpy()])
-
-    def _dirty(self) -> np.ndarray:
-        d = self.st[self.p + "dirty"]
-        return (d.numpy() if isinstance(d, torch.Tensor) else np.asarray(d)).astype(np.int64)
+        self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"], rows])
 
     def step(self, exchange: NeighborExchange, topo: Topology, rank: int, step: int, slot: int,
              traffic: Counter) -> None:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
         d = xhat.shape[1]
-        rows = torch.from_numpy(np.unique(self._dirty()))
+        rows = torch.unique(self.st[self.p + "dirty"])
         q = self.x.index_select(0, rows) - xhat.index_select(0, rows)
         keep = q.ne(0).flatten(1).any(dim=1)
         rows, q = rows[keep], q[keep]
@@ -112,7 +106,7 @@ class RowGossip:
         if settled is not None and settled.numel():
             done = torch.isin(ch, settled) & step.eq(0).all(dim=1)
             ch = ch[~done]
-        self.st[self.p + "dirty"] = ch.numpy().copy()
+        self.st[self.p + "dirty"] = ch
 
 
 class DenseGossip:
@@ -302,6 +296,16 @@ class DecentralizedOptimizer(Optimizer):
                 add_rows_(p.data, rows, m / u, alpha=-group["lr"])
                 xg.mark(rows)
                 ug.mark(rows)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As Optimizer's, except that integer row-id state (`*dirty`) keeps its dtype: the base
+        class casts every state tensor to the parameter's dtype, and float32 rounds ids > 2**24."""
+        ids = {(i, k): v.clone() for i, st in state_dict["state"].items() for k, v in st.items()
+               if k.endswith("dirty") and isinstance(v, torch.Tensor)}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for (i, k), v in ids.items():
+            self.state[params[i]][k] = v.to(torch.int64)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
