@@ -200,7 +200,8 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
         out.mkdir(parents=True, exist_ok=True)
         workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "1,2,4,8").split(","))
         algos = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(SCALING_ALGOS)).split(","))
-        return run_scaling(cfg, out, workers=workers, algorithms=algos,
+        topos = tuple(os.environ.get("CTRKIT_BENCH_TOPOLOGIES", "ring,exponential").split(","))
+        return run_scaling(cfg, out, workers=workers, algorithms=algos, topologies=topos,
                            iterations=int(os.environ.get("CTRKIT_BENCH_ITERS", "0")))
     if what == "compression":
         out = Path(args.out) if args.out else Path("bench/results/compression")
