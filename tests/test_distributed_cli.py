@@ -59,10 +59,23 @@ def test_invalid_topology_rejected_before_launch(raw, tmp_path):
     assert "outside [0, 3)" in r.stderr and "Traceback" not in r.stderr
 
 
+def _assert_uninterrupted_run_matches(full_args, tmp_path, steps):
+    """Run `full_args` (run_dir tmp_path/full) and check each rank's last checkpoint equals the
+    interrupted run's in tmp_path/run: same step, bit-identical model."""
+    import torch
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *full_args], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "run" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
+        b = torch.load(tmp_path / "full" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
+        assert a["step"] == b["step"] == steps
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_distributed_resume_equals_uninterrupted(raw, tmp_path):
     """Each rank resumes from its own checkpoint (model, moments, tracker, public copies, data
     position) and ends bit-identical to an uninterrupted damsgrad run."""
-    import torch
     base = _args(raw, tmp_path, "distributed.workers=2", "distributed.algorithm=damsgrad",
                  "train.epochs=1", "--quiet")
     full = [a.replace(str(tmp_path / "run"), str(tmp_path / "full")) for a in base]
@@ -70,22 +83,13 @@ def test_distributed_resume_equals_uninterrupted(raw, tmp_path):
         r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *base, *extra],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *full], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for rank in (0, 1):
-        a = torch.load(tmp_path / "run" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
-        b = torch.load(tmp_path / "full" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
-        assert a["step"] == b["step"] == 12        # 6000 rows / 2 ranks / 256 per batch
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    _assert_uninterrupted_run_matches(full, tmp_path, steps=12)   # 6000 rows / 2 ranks / 256
 
 
 def test_torchrun_restart_resumes_from_the_last_checkpoint(raw, tmp_path):
     """Rank 1 dies at step 15 of the first attempt; torchrun restarts both ranks, which resume from
     their step-10 checkpoints and end bit-identical to a run that never failed."""
     import os
-
-    import torch
     base = _args(raw, tmp_path, "distributed.workers=2", "distributed.algorithm=damsgrad",
                  "train.epochs=2", "distributed.max_restarts=3", "--quiet")
     # (more than one restart allowed: on a loaded 2-core host a restarted gloo mesh occasionally
@@ -97,11 +101,4 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(raw, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["steps"] == 24
-    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *full], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for rank in (0, 1):
-        a = torch.load(tmp_path / "run" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
-        b = torch.load(tmp_path / "full" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
-        assert a["step"] == b["step"] == 24
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    _assert_uninterrupted_run_matches(full, tmp_path, steps=24)

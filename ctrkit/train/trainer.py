@@ -169,7 +169,7 @@ class Trainer:
             return {}
         steps = max(self.step, 1)
         out = {f"{k}_per_step": v / steps for k, v in sorted(tr.items())}
-        sent = sum(v for k, v in tr.items() if k != "exact_bytes")
+        sent = opt.bytes_sent
         out["compression_ratio"] = tr["exact_bytes"] / sent if sent else 1.0
         return out
 
