@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -160,7 +161,6 @@ def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_
 
 def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 3) -> Dict[str, object]:
     """prepare (vocab + encode + write, train split only) vs pyarrow's plain CSV read, alternated."""
-    import shutil
 
     import pyarrow.csv as pacsv
 
@@ -278,7 +278,7 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
     unscaled. Also reported: final AUC/logloss of the averaged model, AUC spread, bytes per step.
     """
     from ctrkit.comm.topology import build_topology
-    from ctrkit.train.trainer import load_or_prepare, train
+    from ctrkit.train.trainer import load_or_prepare
     schema = load_or_prepare(cfg, progress=False)
     rows = schema.splits["train"].rows_written
     bs = cfg.train.batch_size
@@ -294,20 +294,13 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
                     continue   # the same graph as the ring at this n
                 steps = iterations if n == 1 else int(math.ceil(horizon * iterations / n))
                 run_dir = Path(cfg.train.run_dir) / f"{algo}-{topo}-n{n}"   # checkpoints stay out of bench/
-                c = cfg.model_copy(deep=True)
-                c.distributed.workers, c.distributed.algorithm, c.distributed.topology = n, algo, topo
-                c.train.run_dir, c.train.overwrite, c.train.resume = str(run_dir), True, False
-                c.train.max_steps = steps
+                c = _bench_config(cfg, run_dir, algo, n, steps, dpsgd_lr, topology=topo)
                 c.train.epochs = max(1, -(-steps * n * bs // rows))
                 c.train.eval_every = max(1, steps // evals)
-                c.train.checkpoint_every = steps   # a replica's state is ~1 GB: only at the end
-                c.train.early_stop.enabled = c.train.lr_plateau.enabled = False
-                c.train.progress = c.train.tensorboard = c.train.plot = False
                 if algo == "dpsgd":
-                    c.optimizer.dense.lr = c.optimizer.sparse.lr = dpsgd_lr
                     c.distributed.lr_scaling = "none"
                 t = time.time()
-                m = train(c).metrics
+                m = _train_and_clean(c, run_dir)
                 runs.append({"algorithm": algo, "topology": topo, "workers": n, "iterations": steps,
                              "samples": steps * n * bs,
                              "lr_scale": worker_lr_scale(c.distributed.lr_scaling, algo, n),
@@ -378,9 +371,9 @@ COMPRESSION_REFERENCES = ("allreduce", "damsgrad", "dpsgd", "local")
 COMPRESSION_SETTINGS = ("topk:0.01+int8@0.3", "topk:0.01+int8@0.6", "topk:0.03+int8@0.5")
 
 
-def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr: float = 0.05,
-             **dist_over) -> dict:
-    from ctrkit.train.trainer import train
+def _bench_config(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr: float,
+                  **dist_over) -> Config:
+    """One benchmark run's config: fixed steps, no early stop, no progress bar or plots."""
     c = cfg.model_copy(deep=True)
     if algo == "dpsgd":
         c.optimizer.dense.lr = c.optimizer.sparse.lr = dpsgd_lr
@@ -391,8 +384,27 @@ def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr
     c.train.max_steps = c.train.eval_every = c.train.checkpoint_every = steps
     c.train.early_stop.enabled = c.train.lr_plateau.enabled = False
     c.train.progress = c.train.tensorboard = c.train.plot = False
-    t = time.time()
+    return c
+
+
+def _train_and_clean(c: Config, run_dir: Path) -> dict:
+    """Train one benchmark run and return its metrics; its checkpoints are deleted afterwards.
+
+    Why: every rank's resume state on the reference data is ~0.9 GB, so one 8-worker run leaves
+    7 GB behind, and a sweep filled the disk (and then CI's install step failed). A benchmark
+    needs the metrics, which stay in the run folder.
+    """
+    from ctrkit.train.trainer import train
     m = train(c).metrics
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return m
+
+
+def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr: float = 0.05,
+             **dist_over) -> dict:
+    c = _bench_config(cfg, run_dir, algo, n, steps, dpsgd_lr, **dist_over)
+    t = time.time()
+    m = _train_and_clean(c, run_dir)
     per_step = m.get("bytes_per_worker_step", 0.0)
     return {"algorithm": algo, "workers": n, "steps": steps, "samples": steps * n * c.train.batch_size,
             "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
