@@ -47,6 +47,12 @@ def init_distributed(cfg: Config) -> DistEnv:
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        raise CtrkitError(
+            "torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
+            "with the shared rendezvous store a restarted rank reads its peers' addresses from the "
+            "failed attempt and hangs or gets 'Connection refused' (pytorch/pytorch#135712)")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
     return DistEnv(rank, world)
@@ -64,6 +70,9 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
                        f"--max_restarts={cfg.distributed.max_restarts}",
                        "-m", "ctrkit", "train", str(path)])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Each rendezvous round gets a fresh store: the shared one keeps the failed attempt's
+    # addresses, and restarted ranks connect to them (pytorch/pytorch#135712).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     try:
         run(args)
     except ChildFailedError as e:
