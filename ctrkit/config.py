@@ -227,11 +227,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
             raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
-        base = p.resolve().parent
-        for key in ("train", "valid", "test", "prepared_dir"):
-            _resolve(tree.get("data"), key, base)
-        _resolve(tree.get("synth"), "out_dir", base)
-        _resolve(tree.get("train"), "run_dir", base)
+        _resolve_paths(tree, p.resolve().parent)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' must look like key=value")
@@ -239,9 +235,25 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         _set_path(tree, k.strip(), _parse_value(v))
         origin = origin if path else "overrides"
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, origin)) from None
+    # Paths from overrides and defaults are relative to the working directory; made absolute
+    # here so a config dumped into a run folder (e.g. for the launcher's ranks) still points at
+    # the same files.
+    tree = cfg.model_dump(mode="json")
+    _resolve_paths(tree, Path.cwd())
+    return Config.model_validate(tree)
+
+
+_PATH_KEYS = {"data": ("train", "valid", "test", "prepared_dir"), "synth": ("out_dir",),
+              "train": ("run_dir",)}
+
+
+def _resolve_paths(tree: Dict[str, Any], base: Path) -> None:
+    for section, keys in _PATH_KEYS.items():
+        for key in keys:
+            _resolve(tree.get(section), key, base)
 
 
 def _resolve(section: Any, key: str, base: Path) -> None:

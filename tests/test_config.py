@@ -44,3 +44,20 @@ def test_paths_resolve_against_config_folder(tmp_path):
 def test_generic_format_requires_features():
     with pytest.raises(ConfigError, match="data.features is required"):
         load_config(None, ["data.format=csv"])
+
+
+def test_override_paths_are_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    """A config dumped into a run folder (the launcher's launch.yaml) must name the same files:
+    a relative override would otherwise be re-read relative to the run folder."""
+    from ctrkit.config import dump_config
+    cfg_file = tmp_path / "conf" / "c.yaml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text("data:\n  train: raw/train.tsv\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_file, ["train.run_dir=runs/x"])
+    assert cfg.data.train == str(tmp_path / "conf" / "raw" / "train.tsv")
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "x")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "launch.yaml").write_text(dump_config(cfg))
+    again = load_config(tmp_path / "runs" / "launch.yaml")
+    assert again.train.run_dir == cfg.train.run_dir and again.data.train == cfg.data.train
