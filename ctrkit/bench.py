@@ -31,7 +31,7 @@ from ctrkit.data.schema import Schema
 from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.layers import fm_interaction
-from ctrkit.optim.build import build_optimizers, worker_lr_scale
+from ctrkit.optim.build import build_optimizers
 from ctrkit.train.memory import keep_freed_memory
 
 
@@ -303,7 +303,7 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
                 m = _train_and_clean(c, run_dir)
                 runs.append({"algorithm": algo, "topology": topo, "workers": n, "iterations": steps,
                              "samples": steps * n * bs,
-                             "lr_scale": worker_lr_scale(c.distributed.lr_scaling, algo, n),
+                             "lr_scale": m.get("lr_scale", {"dense": 1.0, "tables": 1.0}),
                              "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
                              "bytes_per_worker_step": m.get("bytes_per_worker_step", 0.0),
                              "auc_spread": m.get("auc_spread", 0.0), "wall_s": round(time.time() - t, 1),
@@ -409,6 +409,7 @@ def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr
     return {"algorithm": algo, "workers": n, "steps": steps, "samples": steps * n * c.train.batch_size,
             "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
             "auc_spread": m.get("auc_spread", 0.0),
+            "lr_scale": m.get("lr_scale", {"dense": 1.0, "tables": 1.0}),
             "consensus_embedding": m.get("consensus_embedding"), "consensus_dense": m.get("consensus_dense"),
             "bytes_per_worker_step": per_step, "total_bytes_per_worker": per_step * steps,
             "traffic": {k: v for k, v in m.items() if k.endswith("_per_step") or k == "compression_ratio"},
@@ -440,7 +441,6 @@ def run_compression(cfg: Config, out: Path, workers=(4, 8), settings=COMPRESSION
             r = _run_one(cfg, Path(cfg.train.run_dir) / f"{tag.replace(':', '')}-n{n}", algo, n, steps,
                          **over)
             r.update({k: v for k, v in over.items() if k != "lr_scaling"})
-            r["lr_scale"] = worker_lr_scale(over.get("lr_scaling", cfg.distributed.lr_scaling), algo, n)
             runs.append(r)
             partial = {"runs": runs, "partial": True}
             (out / "compression.json").write_text(json.dumps(partial, indent=1))   # survives a kill

@@ -8,17 +8,19 @@ from ctrkit.optim.build import worker_lr_scale
 
 
 @pytest.mark.parametrize("rule,algo,n,adaptive,want", [
-    ("none", "damsgrad", 8, True, 1.0),
-    ("auto", "local", 8, True, 1.0),
-    ("auto", "allreduce", 4, True, 2.0),      # Adam: square-root rule
-    ("auto", "allreduce", 4, False, 4.0),     # SGD: linear rule
-    ("auto", "damsgrad", 8, True, 8.0),
-    ("auto", "dpsgd", 2, False, 2.0),
-    ("sqrt", "damsgrad", 9, True, 3.0),
-    ("linear", "allreduce", 1, True, 1.0),
+    ("none", "damsgrad", 8, True, (1.0, 1.0)),
+    ("auto", "local", 8, True, (1.0, 1.0)),
+    ("auto", "allreduce", 4, True, (2.0, 2.0)),      # Adam: square-root rule
+    ("auto", "allreduce", 4, False, (4.0, 4.0)),     # SGD: linear rule
+    ("auto", "damsgrad", 4, True, (4.0, 2.0)),       # decentralized Adam: dense linear, tables sqrt
+    ("auto", "choco", 9, True, (9.0, 3.0)),
+    ("auto", "dpsgd", 2, False, (2.0, 2.0)),
+    ("sqrt", "damsgrad", 9, True, (3.0, 3.0)),
+    ("linear", "allreduce", 1, True, (1.0, 1.0)),
 ])
 def test_worker_lr_scale(rule, algo, n, adaptive, want):
-    assert math.isclose(worker_lr_scale(rule, algo, n, adaptive), want)
+    got = worker_lr_scale(rule, algo, n, dense_adaptive=adaptive, tables_adaptive=adaptive)
+    assert all(math.isclose(g, w) for g, w in zip(got, want))
 
 
 def _curve(points):

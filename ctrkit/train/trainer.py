@@ -103,20 +103,22 @@ class Trainer:
         self.topology = None
         self.exchange = None
         self.comm_bytes = 0
-        scale = worker_lr_scale(dc.lr_scaling, self.algorithm, env.world,
-                                adaptive=cfg.optimizer.dense.name in ("adam", "adamw", "adagrad"))
-        if scale != 1.0:
-            o = cfg.optimizer
+        o = cfg.optimizer
+        self.lr_scale = worker_lr_scale(dc.lr_scaling, self.algorithm, env.world,
+                                        dense_adaptive=o.dense.name != "sgd",
+                                        tables_adaptive=o.sparse.name != "sgd")
+        if self.lr_scale != (1.0, 1.0):
+            fd, ft = self.lr_scale
             cfg = cfg.model_copy(update={"optimizer": o.model_copy(update={
-                "dense": o.dense.model_copy(update={"lr": o.dense.lr * scale}),
+                "dense": o.dense.model_copy(update={"lr": o.dense.lr * fd}),
                 "sparse": o.sparse.model_copy(update={
-                    "lr": o.sparse.lr * scale,
-                    "lr_overrides": {k: v * scale for k, v in o.sparse.lr_overrides.items()}})})})
+                    "lr": o.sparse.lr * ft,
+                    "lr_overrides": {k: v * ft for k, v in o.sparse.lr_overrides.items()}})})})
             self.cfg = cfg
             if env.rank == 0:
-                print(f"ctrkit: {dc.lr_scaling} lr scaling for {env.world} workers: learning rates "
-                      f"x{scale:.3g} (dense {cfg.optimizer.dense.lr:.3g}, tables "
-                      f"{cfg.optimizer.sparse.lr:.3g})", flush=True)
+                print(f"ctrkit: {dc.lr_scaling} lr scaling for {env.world} workers: dense lr "
+                      f"x{fd:.3g} ({cfg.optimizer.dense.lr:.3g}), tables x{ft:.3g} "
+                      f"({cfg.optimizer.sparse.lr:.3g})", flush=True)
         if self.algorithm in DECENTRALIZED:
             from ctrkit.comm.exchange import NeighborExchange
             from ctrkit.comm.topology import build_topology
@@ -359,7 +361,8 @@ class Trainer:
             out.update(self.last_eval)
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
-                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
+                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1),
+                       lr_scale={"dense": self.lr_scale[0], "tables": self.lr_scale[1]})
         out.update(samples=self.samples * self.env.world, steps=self.step, epochs=self.epoch,
                    best_step=self.best_step, stopped_early=self.stopped_early,
                    wall_seconds=round(self.train_seconds, 3),
