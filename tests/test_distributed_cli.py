@@ -50,6 +50,25 @@ def test_torchrun_module_entry(raw, tmp_path):
     assert m["workers"] == 2 and m["algorithm"] == "dpsgd"
 
 
+
+def test_two_node_torchrun_with_rendezvous_endpoint(raw, tmp_path):
+    """Multi-node form: two torchrun agents (one per "node") meet at a c10d rendezvous endpoint."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t2n",
+           "-m", "ctrkit", "train", *_args(raw, tmp_path), "distributed.algorithm=damsgrad",
+           "train.epochs=1", "--quiet"]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outs = [a.communicate(timeout=300) for a in agents]
+    for a, (_, err) in zip(agents, outs):
+        assert a.returncode == 0, err[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["workers"] == 2 and m["algorithm"] == "damsgrad" and m["steps"] == 12
+
 def test_invalid_topology_rejected_before_launch(raw, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *_args(raw, tmp_path),
                         "distributed.workers=3", "distributed.algorithm=damsgrad",
