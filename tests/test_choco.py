@@ -144,3 +144,36 @@ def test_row_ids_survive_a_state_dict_round_trip_uncast():
     got = opt2.state[model.emb.weight]["xdirty"]
     assert got.dtype == torch.int64 and torch.equal(got, big)
     assert opt2._step_count() == 7
+
+
+def _exact_tracker_every(rank, world, port, out):
+    _init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = Tiny()
+        topo = build_topology("ring", world)
+        ex = NeighborExchange(rank, topo.neighbors[rank], num_rows_hint=2 * ROWS)
+        comp = build_compressor("topk:0.3+int8")
+        opt = DecentralizedOptimizer(model, "choco", topo, rank, ex, dense_lr=0.01, sparse_lr=0.01,
+                                     compressor=comp, dense_compressor=comp, gamma=0.8,
+                                     tracker="exact", tracker_every=3)
+        gen = torch.Generator().manual_seed(100 + rank)
+        sent = []
+        for _ in range(6):
+            kjt, y = _batch(gen)
+            nn.functional.binary_cross_entropy_with_logits(model(kjt), y).backward()
+            before = opt.bytes_sent
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sent.append(opt.bytes_sent - before)
+        out[rank] = sent
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exact_tracker_travels_only_every_k_steps():
+    """tracker=exact, tracker_every=3: the tracker goes uncompressed on rounds 3 and 6 only, so
+    those rounds send more than the others, which carry the compressed parameters alone."""
+    for sent in _spawn(_exact_tracker_every, 2):
+        quiet = [sent[i] for i in (0, 1, 3, 4)]
+        assert min(sent[2], sent[5]) > max(quiet), sent

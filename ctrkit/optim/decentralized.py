@@ -187,8 +187,14 @@ class DecentralizedOptimizer(Optimizer):
         first = self.param_groups[0]["params"][0]
         return int(self.state[first].get("gossip_step", 0))   # a Python int: never dtype-cast
 
-    def _exact_tracker_round(self, t: int) -> bool:
-        return self.tracker == "exact" and (t + 1) % self.tracker_every == 0
+    def _tracker_gossip(self, compressor: Optional[Compressor], t: int) -> Optional[str]:
+        """How the second-moment tracker u travels in round t: "compressed" (with the
+        parameters' compressor), "exact", or None (an exact-tracker run between its rounds)."""
+        if compressor is not None and self.tracker == "compressed":
+            return "compressed"
+        if compressor is None or (t + 1) % self.tracker_every == 0:
+            return "exact"
+        return None
 
     # ------------------------------------------------------------------ dense part
     def _dense_state(self, p: torch.Tensor) -> dict:
@@ -230,11 +236,12 @@ class DecentralizedOptimizer(Optimizer):
         else:
             new_x = DenseGossip(holder, "dense_x", flat_x, self.dense_compressor, self.gamma).step(
                 flat_x, self.exchange, self.topo, self.rank, t, 0, self.traffic)
-            if self.tracker == "compressed":
+            how = self._tracker_gossip(self.dense_compressor, t) if self.adaptive else None
+            if how == "compressed":
                 new_u = DenseGossip(holder, "dense_u", flat_u, self.dense_compressor, self.gamma).step(
                     flat_u, self.exchange, self.topo, self.rank, t, 1, self.traffic)
             else:
-                new_u = self._mix(flat_u) if self._exact_tracker_round(t) else flat_u
+                new_u = self._mix(flat_u) if how == "exact" else flat_u
         off = 0
         for p in params:
             n = p.numel()
@@ -264,11 +271,12 @@ class DecentralizedOptimizer(Optimizer):
                 for k in ("v", "vhat", "u"):
                     st[k] = torch.zeros(p.shape[0], dv, dtype=p.dtype)
             xg = RowGossip(p.data, st, "x", self.compressor, self.gamma)
-            ug = None
+            ug, how = None, None
             if self.adaptive:
-                exact_u = self.compressor is None or self.tracker == "exact"
-                ug = RowGossip(st["u"], st, "u", None if exact_u else self.compressor,
-                               1.0 if exact_u else self.gamma)
+                how = self._tracker_gossip(self.compressor, t)
+                compressed = self.tracker == "compressed" and self.compressor is not None
+                ug = RowGossip(st["u"], st, "u", self.compressor if compressed else None,
+                               self.gamma if compressed else 1.0)
             rows = g = None
             if p.grad is not None:
                 rows, g = rows_and_grads(p.grad)
@@ -286,8 +294,7 @@ class DecentralizedOptimizer(Optimizer):
                 add_rows_(p.data, rows, g, alpha=-group["lr"])
                 xg.mark(rows)
             xg.step(self.exchange, self.topo, self.rank, t, 2 + 2 * i, self.traffic)
-            if ug is not None and (self.compressor is None or self.tracker == "compressed"
-                                   or self._exact_tracker_round(t)):
+            if how is not None:
                 ug.step(self.exchange, self.topo, self.rank, t, 3 + 2 * i, self.traffic)
             if self.adaptive and rows is not None:
                 add_rows_(st["u"], rows, vhat_new - vhat_old)
