@@ -15,6 +15,7 @@ from ctrkit.optim.build import worker_lr_scale
     ("auto", "damsgrad", 4, True, (4.0, 2.0)),       # decentralized Adam: dense linear, tables sqrt
     ("auto", "choco", 9, True, (9.0, 3.0)),
     ("auto", "dpsgd", 2, False, (2.0, 2.0)),
+    ("auto", "dpsgd", 4, True, (4.0, 4.0)),          # dpsgd steps are SGD even with adam named
     ("sqrt", "damsgrad", 9, True, (3.0, 3.0)),
     ("linear", "allreduce", 1, True, (1.0, 1.0)),
 ])

@@ -59,6 +59,8 @@ def worker_lr_scale(rule: str, algorithm: str, workers: int, dense_adaptive: boo
         f = sqrt if rule == "sqrt" else linear
         return f, f
     decentralized = algorithm != "allreduce"
+    if algorithm == "dpsgd":   # plain SGD steps, whatever optimizer the config names
+        dense_adaptive = tables_adaptive = False
 
     def pick(adaptive: bool, dense: bool) -> float:
         if not adaptive:
