@@ -297,13 +297,11 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
                 c = _bench_config(cfg, run_dir, algo, n, steps, dpsgd_lr, topology=topo)
                 c.train.epochs = max(1, -(-steps * n * bs // rows))
                 c.train.eval_every = max(1, steps // evals)
-                if algo == "dpsgd":
-                    c.distributed.lr_scaling = "none"
                 t = time.time()
                 m = _train_and_clean(c, run_dir)
                 runs.append({"algorithm": algo, "topology": topo, "workers": n, "iterations": steps,
                              "samples": steps * n * bs,
-                             "lr_scale": m.get("lr_scale", {"dense": 1.0, "tables": 1.0}),
+                             "lr_scale": m["lr_scale"],
                              "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
                              "bytes_per_worker_step": m.get("bytes_per_worker_step", 0.0),
                              "auc_spread": m.get("auc_spread", 0.0), "wall_s": round(time.time() - t, 1),
@@ -375,8 +373,9 @@ def _bench_config(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dps
                   **dist_over) -> Config:
     """One benchmark run's config: fixed steps, no early stop, no progress bar or plots."""
     c = cfg.model_copy(deep=True)
-    if algo == "dpsgd":
+    if algo == "dpsgd":   # plain SGD: its own learning rate, unscaled
         c.optimizer.dense.lr = c.optimizer.sparse.lr = dpsgd_lr
+        c.distributed.lr_scaling = "none"
     c.distributed.workers, c.distributed.algorithm = n, algo
     for k, v in dist_over.items():
         setattr(c.distributed, k, v)
@@ -409,7 +408,7 @@ def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr
     return {"algorithm": algo, "workers": n, "steps": steps, "samples": steps * n * c.train.batch_size,
             "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
             "auc_spread": m.get("auc_spread", 0.0),
-            "lr_scale": m.get("lr_scale", {"dense": 1.0, "tables": 1.0}),
+            "lr_scale": m["lr_scale"],
             "consensus_embedding": m.get("consensus_embedding"), "consensus_dense": m.get("consensus_dense"),
             "bytes_per_worker_step": per_step, "total_bytes_per_worker": per_step * steps,
             "traffic": {k: v for k, v in m.items() if k.endswith("_per_step") or k == "compression_ratio"},
@@ -436,11 +435,9 @@ def run_compression(cfg: Config, out: Path, workers=(4, 8), settings=COMPRESSION
             plan.append(("choco", {"compressor": comp, "gamma": float(gamma or cfg.distributed.gamma)}))
         for algo, over in plan:
             tag = algo if algo != "choco" else f"choco-{over['compressor']}-g{over['gamma']}"
-            if algo == "dpsgd":   # plain SGD: its own (unscaled) learning rate
-                over = {"lr_scaling": "none"}
             r = _run_one(cfg, Path(cfg.train.run_dir) / f"{tag.replace(':', '')}-n{n}", algo, n, steps,
                          **over)
-            r.update({k: v for k, v in over.items() if k != "lr_scaling"})
+            r.update(over)
             runs.append(r)
             partial = {"runs": runs, "partial": True}
             (out / "compression.json").write_text(json.dumps(partial, indent=1))   # survives a kill

@@ -241,9 +241,11 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     # Paths from overrides and defaults are relative to the working directory; made absolute
     # here so a config dumped into a run folder (e.g. for the launcher's ranks) still points at
     # the same files.
-    tree = cfg.model_dump(mode="json")
-    _resolve_paths(tree, Path.cwd())
-    return Config.model_validate(tree)
+    for section, keys in _PATH_KEYS.items():
+        part = getattr(cfg, section)
+        for key in keys:
+            setattr(part, key, _absolute(getattr(part, key), Path.cwd()))
+    return cfg
 
 
 _PATH_KEYS = {"data": ("train", "valid", "test", "prepared_dir"), "synth": ("out_dir",),
@@ -252,15 +254,18 @@ _PATH_KEYS = {"data": ("train", "valid", "test", "prepared_dir"), "synth": ("out
 
 def _resolve_paths(tree: Dict[str, Any], base: Path) -> None:
     for section, keys in _PATH_KEYS.items():
-        for key in keys:
-            _resolve(tree.get(section), key, base)
+        part = tree.get(section)
+        if isinstance(part, dict):
+            for key in keys:
+                if key in part:
+                    part[key] = _absolute(part[key], base)
 
 
-def _resolve(section: Any, key: str, base: Path) -> None:
-    if isinstance(section, dict) and isinstance(section.get(key), str):
-        v = Path(section[key]).expanduser()
-        if not v.is_absolute():
-            section[key] = os.path.normpath(base / v)
+def _absolute(value: Any, base: Path) -> Any:
+    """A relative path string joined to `base`; anything else (None, absolute) unchanged."""
+    if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        return os.path.normpath(base / Path(value).expanduser())
+    return value
 
 
 def dump_config(cfg: Config) -> str:

@@ -50,7 +50,6 @@ def test_torchrun_module_entry(raw, tmp_path):
     assert m["workers"] == 2 and m["algorithm"] == "dpsgd"
 
 
-
 def test_two_node_torchrun_with_rendezvous_endpoint(raw, tmp_path):
     """Multi-node form: two torchrun agents (one per "node") meet at a c10d rendezvous endpoint."""
     import socket
@@ -68,6 +67,7 @@ def test_two_node_torchrun_with_rendezvous_endpoint(raw, tmp_path):
         assert a.returncode == 0, err[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["workers"] == 2 and m["algorithm"] == "damsgrad" and m["steps"] == 12
+
 
 def test_invalid_topology_rejected_before_launch(raw, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *_args(raw, tmp_path),

@@ -58,15 +58,10 @@ def worker_lr_scale(rule: str, algorithm: str, workers: int, dense_adaptive: boo
     if rule != "auto":
         f = sqrt if rule == "sqrt" else linear
         return f, f
-    decentralized = algorithm != "allreduce"
     if algorithm == "dpsgd":   # plain SGD steps, whatever optimizer the config names
-        dense_adaptive = tables_adaptive = False
-
-    def pick(adaptive: bool, dense: bool) -> float:
-        if not adaptive:
-            return linear
-        return linear if (dense and decentralized) else sqrt
-    return pick(dense_adaptive, True), pick(tables_adaptive, False)
+        return linear, linear
+    dense = sqrt if (dense_adaptive and algorithm == "allreduce") else linear
+    return dense, (sqrt if tables_adaptive else linear)
 
 
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> List[torch.optim.Optimizer]:

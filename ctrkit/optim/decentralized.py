@@ -274,7 +274,7 @@ class DecentralizedOptimizer(Optimizer):
             ug, how = None, None
             if self.adaptive:
                 how = self._tracker_gossip(self.compressor, t)
-                compressed = self.tracker == "compressed" and self.compressor is not None
+                compressed = how == "compressed"
                 ug = RowGossip(st["u"], st, "u", self.compressor if compressed else None,
                                self.gamma if compressed else 1.0)
             rows = g = None

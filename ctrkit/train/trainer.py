@@ -361,9 +361,9 @@ class Trainer:
             out.update(self.last_eval)
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
-                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1),
-                       lr_scale={"dense": self.lr_scale[0], "tables": self.lr_scale[1]})
-        out.update(samples=self.samples * self.env.world, steps=self.step, epochs=self.epoch,
+                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
+        out.update(lr_scale={"dense": self.lr_scale[0], "tables": self.lr_scale[1]},
+                   samples=self.samples * self.env.world, steps=self.step, epochs=self.epoch,
                    best_step=self.best_step, stopped_early=self.stopped_early,
                    wall_seconds=round(self.train_seconds, 3),
                    samples_per_s=round(self.samples * self.env.world / max(self.train_seconds, 1e-9), 1),
