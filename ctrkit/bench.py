@@ -209,8 +209,9 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
         workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "4,8").split(","))
         settings = os.environ.get("CTRKIT_BENCH_COMPRESSORS", ",".join(COMPRESSION_SETTINGS))
         refs = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(COMPRESSION_REFERENCES)).split(","))
-        return run_compression(cfg, out, workers=workers, settings=tuple(settings.split(",")),
-                               references=refs,
+        return run_compression(cfg, out, workers=workers,
+                               settings=tuple(s for s in settings.split(",") if s),
+                               references=tuple(r for r in refs if r),
                                samples=int(float(os.environ.get("CTRKIT_BENCH_SAMPLES", "0"))))
     if what != "throughput":
         raise CtrkitError(f"unknown benchmark '{what}'")
