@@ -30,6 +30,8 @@ def _sparse_groups(model: nn.Module, base_lr: float, overrides: Dict[str, float]
 def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """(embedding-table weights with row-sparse gradients, all other parameters)."""
     sparse = [m.weight for m in model.modules() if isinstance(m, BatchedEmbeddingBags)]
+    # Sharded tables (ctrkit.distributed.sharding): this rank's shards, updated row-sparsely.
+    sparse += [p for m in model.modules() for p in getattr(m, "sharded_tables", ())]
     ids = {id(p) for p in sparse}
     # fbgemm TBE modules update themselves inside backward: no optimizer owns their tensors.
     ids |= {id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBags) for p in m.parameters()}

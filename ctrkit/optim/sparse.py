@@ -16,9 +16,16 @@ from torch.optim import Optimizer
 
 
 def rows_and_grads(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Unique touched rows and their summed gradient rows (a copy, safe to modify)."""
+    """Unique touched rows and their summed gradient rows (a copy, safe to modify).
+
+    A dense gradient (torchrec's non-fused sharded kernel) gives its nonzero rows: O(rows) per
+    step, which is why unsharded tables use `BatchedEmbeddingBags`' sparse gradients instead."""
     if not grad.is_sparse:
-        raise RuntimeError("row-sparse optimizers need sparse gradients (see BatchedEmbeddingBags)")
+        if grad.dim() != 2:
+            raise RuntimeError("row-sparse optimizers need sparse or 2-D gradients (see "
+                               "BatchedEmbeddingBags)")
+        rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+        return rows, grad.index_select(0, rows)
     if grad.is_coalesced():
         return grad._indices()[0], grad._values().clone()
     idx, vals = grad._indices()[0], grad._values()
