@@ -144,6 +144,10 @@ class DistributedConfig(_Strict):
     gamma: float = Field(default=0.3, gt=0, le=1)
     tracker: Literal["compressed", "exact"] = "compressed"
     tracker_every: int = Field(default=1, ge=1)
+    # Ranks per shard group: k ranks split the tables with torchrec (table-/column-wise) and act as
+    # one decentralized worker fed the union of their batches; the workers/k groups gossip.
+    # 1: every rank holds all tables; workers: pure model parallelism, no gossip.
+    shard_group_size: int = Field(default=1, ge=1)
 
     @field_validator("compressor", "dense_compressor")
     @classmethod

@@ -120,18 +120,24 @@ def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
-def network_average(model: torch.nn.Module, env: DistEnv) -> Optional[dict]:
+def network_average(model: torch.nn.Module, env: DistEnv, grid=None) -> Optional[dict]:
     """State dict of the network-averaged model x_bar (evaluation/export only) and the consensus
-    distance mean_i ||x_i - x_bar||^2 split into embedding tables and dense parameters."""
-    from ctrkit.models.embedding import BatchedEmbeddingBags
-    table_ids = {id(m.weight) for m in model.modules() if isinstance(m, BatchedEmbeddingBags)}
+    distance mean_i ||x_i - x_bar||^2 over workers, split into embedding tables and dense
+    parameters. With sharded tables (`grid`, a ShardGrid) a worker is a shard group: each rank
+    averages its local state with the ranks holding the same shard (the replica group)."""
+    from ctrkit.optim.build import split_parameters
+    group, size = (grid.replica_pg, grid.groups) if grid is not None else (None, env.world)
+    table_ids = {id(p) for p in split_parameters(model)[0]}
     avg, dist_emb, dist_dense = {}, 0.0, 0.0
     params = dict(model.named_parameters())
     for k, v in model.state_dict().items():
         if not torch.is_floating_point(v):
             avg[k] = v.clone()
             continue
-        a = reduce_mean_(v.detach().clone(), env)
+        a = v.detach().clone()
+        if size > 1:
+            dist.all_reduce(a, group=group)
+            a.div_(size)
         avg[k] = a
         if k in params:
             d = float((v - a).pow(2).sum())
@@ -139,6 +145,9 @@ def network_average(model: torch.nn.Module, env: DistEnv) -> Optional[dict]:
                 dist_emb += d
             else:
                 dist_dense += d
+    # A worker's table distance is the sum over its shard group's ranks; dense parameters are
+    # the same on every rank of a group.
     both = torch.tensor([dist_emb, dist_dense], dtype=torch.float64)
     reduce_mean_(both, env)
-    return {"state": avg, "consensus_embedding": float(both[0]), "consensus_dense": float(both[1])}
+    k = env.world // size
+    return {"state": avg, "consensus_embedding": float(both[0]) * k, "consensus_dense": float(both[1])}

@@ -275,6 +275,49 @@ def average_dense_grads(model: nn.Module, grid: ShardGrid) -> None:
         off += g.numel()
 
 
+@torch.no_grad()
+def evaluate_sharded(model: nn.Module, schema, split: str, batch_size: int, grid: ShardGrid,
+                     prefetch: int = 2) -> dict:
+    """AUC/logloss of a shard group's model over a whole split: each member predicts its slice of
+    the split (all must run the same number of forwards: torchrec's all-to-alls), and the
+    predictions are gathered within the group. Every member returns the same numbers."""
+    import numpy as np
+    from ctrkit.data.loader import BatchLoader
+    from ctrkit.train.evaluate import auc_logloss
+    loader = BatchLoader(schema, split, batch_size, prefetch=prefetch, rank=grid.pos,
+                         world_size=grid.k)
+    steps = torch.tensor([len(loader)])
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=grid.shard_pg)
+    filler = None
+    if len(loader) == 0:   # nothing of this split here, but the group's forwards need this rank
+        filler = next(iter(BatchLoader(schema, split, batch_size, prefetch=0)))
+    was_training = model.training
+    model.eval()
+    ys, ps = [], []
+    it = iter(loader)
+    try:
+        for _ in range(int(steps)):
+            batch = next(it, None)
+            p = torch.sigmoid(model(batch if batch is not None else filler)).double()
+            if batch is not None:
+                ps.append(p)
+                ys.append(batch.labels.double())
+                filler = batch
+    finally:
+        model.train(was_training)
+    mine = torch.stack([torch.cat(ys) if ys else torch.zeros(0, dtype=torch.float64),
+                        torch.cat(ps) if ps else torch.zeros(0, dtype=torch.float64)])
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(grid.k)]
+    dist.all_gather(sizes, torch.tensor([mine.shape[1]]), group=grid.shard_pg)
+    top = int(max(int(s) for s in sizes))
+    padded = torch.zeros(2, top, dtype=torch.float64)
+    padded[:, :mine.shape[1]] = mine
+    parts = [torch.zeros_like(padded) for _ in range(grid.k)]
+    dist.all_gather(parts, padded, group=grid.shard_pg)
+    both = torch.cat([p[:, :int(s)] for p, s in zip(parts, sizes)], dim=1).numpy()
+    return auc_logloss(both[0], both[1])
+
+
 def table_modules(model: nn.Module):
     """(path, module) of every embedding-table module, sharded or not."""
     return [(p, m) for p, m in model.named_modules()

@@ -37,6 +37,7 @@ from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, write_json
 
 LAST, BEST = "last.pt", "best.pt"
+BEST_SHARDED = "best"   # torch.distributed.checkpoint folder of a sharded run's best model
 
 
 @dataclass
@@ -96,6 +97,17 @@ class Trainer:
         np.random.seed(tc.seed)
         random.seed(tc.seed)
         self.model = build_training_model(cfg, schema)
+        self.grid = None
+        if env.active and dc.shard_group_size > 1:
+            from ctrkit.distributed.sharding import make_grid, shard_model
+            backend = dist.get_backend()
+            self.grid = make_grid(env.rank, env.world, dc.shard_group_size,
+                                  "cuda" if backend == "nccl" else "cpu")
+            plans = shard_model(self.model, self.grid, backend)
+            if env.is_main:
+                print(f"ctrkit: {self.grid.groups} shard groups of {self.grid.k} ranks; rank g*k+p "
+                      "gossips with rank h*k+p of neighbouring groups h\n" + "\n".join(plans),
+                      flush=True)
         # dpsgd/damsgrad keep their own update rule on a single worker too (no neighbours), so
         # n = 1 is the honest baseline of a scaling curve; allreduce on one worker is local Adam.
         self.algorithm = dc.algorithm if (env.active or dc.algorithm in DECENTRALIZED) \
@@ -104,6 +116,7 @@ class Trainer:
         self.exchange = None
         self.comm_bytes = 0
         o = cfg.optimizer
+        # n = every rank's batch in a step (with sharding too: a group steps on k batches)
         self.lr_scale = worker_lr_scale(dc.lr_scaling, self.algorithm, env.world,
                                         dense_adaptive=o.dense.name != "sgd",
                                         tables_adaptive=o.sparse.name != "sgd")
@@ -123,13 +136,19 @@ class Trainer:
             from ctrkit.comm.exchange import NeighborExchange
             from ctrkit.comm.topology import build_topology
             from ctrkit.optim.decentralized import DecentralizedOptimizer
-            self.topology = build_topology(dc.topology, env.world, dc.edges)
+            # The decentralized workers are the shard groups (each rank one, when not sharded).
+            workers = env.world // (self.grid.k if self.grid else 1)
+            self.topology = build_topology(dc.topology, workers, dc.edges)
+            gossip = self.topology
+            if self.grid:
+                from ctrkit.distributed.sharding import lift_topology
+                gossip = lift_topology(self.topology, self.grid.k)
             rows = max([m.num_rows for m in self.model.modules() if hasattr(m, "num_rows")] or [0])
-            self.exchange = NeighborExchange(env.rank, self.topology.neighbors[env.rank],
+            self.exchange = NeighborExchange(env.rank, gossip.neighbors[env.rank],
                                              num_rows_hint=rows)
             so = cfg.optimizer.sparse
             self.optimizers = [DecentralizedOptimizer(
-                self.model, self.algorithm, self.topology, env.rank, self.exchange,
+                self.model, self.algorithm, gossip, env.rank, self.exchange,
                 dense_lr=cfg.optimizer.dense.lr, sparse_lr=so.lr, betas=tuple(so.betas),
                 eps=dc.eps, rowwise=dc.rowwise_tracker, **choco_options(cfg, self.model))]
             if self.algorithm == "choco" and env.is_main:
@@ -216,6 +235,9 @@ class Trainer:
         logits = self.model(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         loss.backward()
+        if self.grid:
+            from ctrkit.distributed.sharding import average_dense_grads
+            average_dense_grads(self.model, self.grid)
         if self.algorithm == "allreduce":
             from ctrkit.optim.decentralized import average_gradients
             self.comm_bytes += average_gradients(self.model, self.env.world)
@@ -242,7 +264,9 @@ class Trainer:
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better and not math.isnan(value):
             self.best, self.best_step, self.bad_evals = value, self.step, 0
-            if self.env.is_main:
+            if self.grid:
+                self._save_sharded_best(best_state)
+            elif self.env.is_main:
                 save_checkpoint(self.run_dir / "checkpoints" / BEST, {"model": best_state,
                                                                       "step": self.step})
         else:
@@ -257,19 +281,41 @@ class Trainer:
             self.save(LAST)
         return stop
 
+    def _evaluate_split(self, split: str) -> dict:
+        """This rank's model on a split; a sharded model is evaluated by its whole shard group."""
+        if self.grid:
+            from ctrkit.distributed.sharding import evaluate_sharded
+            return evaluate_sharded(self.model, self.schema, split, self.cfg.train.eval_batch_size,
+                                    self.grid, self.cfg.train.prefetch)
+        return evaluate_split(self.model, self.eval_loaders[split])
+
+    def _save_sharded_best(self, state: dict) -> None:
+        """Shard group 0 writes the averaged model as a torch.distributed.checkpoint (loads with
+        any shard group size, or into one process: `ctrkit eval`)."""
+        from ctrkit.distributed.sharding import save_model
+        if self.grid.group != 0:
+            return
+        mine = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(state)
+        path = self.run_dir / "checkpoints" / BEST_SHARDED
+        shutil.rmtree(path, ignore_errors=True)
+        save_model(self.model, path, group=self.grid.shard_pg)
+        self.model.load_state_dict(mine)
+
     def _validate(self) -> tuple:
         """Validation metrics of the model to keep: this process's, or in a multi-rank run the
-        network-averaged model's (rank 0 evaluates it; every rank gets the same numbers)."""
+        network-averaged model's (rank 0 evaluates it, with its shard group when the tables are
+        sharded; every rank gets the same numbers)."""
         if not self.env.active:
             return evaluate_split(self.model, self.eval_loaders["valid"]), self.model.state_dict()
-        own = evaluate_split(self.model, self.eval_loaders["valid"])
+        own = self._evaluate_split("valid")
         aucs = gather_floats(own["auc"], self.env)
-        net = network_average(self.model, self.env)
+        net = network_average(self.model, self.env, self.grid)
         vals = [0.0, 0.0]
-        if self.env.is_main:
+        if self.env.is_main or (self.grid and self.grid.group == 0):
             mine = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(net["state"])
-            avg = evaluate_split(self.model, self.eval_loaders["valid"])
+            avg = self._evaluate_split("valid")
             self.model.load_state_dict(mine)
             vals = [avg["auc"], avg["logloss"]]
         t = torch.tensor(vals, dtype=torch.float64)
@@ -347,18 +393,25 @@ class Trainer:
     def final_metrics(self) -> dict:
         """Reload the best checkpoint (when validation picked one) and evaluate valid and test."""
         best = self.run_dir / "checkpoints" / BEST
+        best_sharded = self.run_dir / "checkpoints" / BEST_SHARDED
         if self.env.active:
             dist.barrier()
-        if best.is_file():
+        if self.grid and best_sharded.is_dir():
+            from ctrkit.distributed.sharding import load_model
+            load_model(self.model, best_sharded, group=self.grid.shard_pg)
+        elif best.is_file() and not self.grid:
             self.model.load_state_dict(load_checkpoint(best)["model"])
         elif self.env.active:   # no validation split: report the network average
-            self.model.load_state_dict(network_average(self.model, self.env)["state"])
+            self.model.load_state_dict(network_average(self.model, self.env, self.grid)["state"])
         out: Dict[str, object] = {}
-        if self.env.is_main:
-            for split, loader in self.eval_loaders.items():
-                out[split] = evaluate_split(self.model, loader)
+        if self.env.is_main or (self.grid and self.grid.group == 0):
+            for split in self.eval_loaders:
+                out[split] = self._evaluate_split(split)
         if self.env.active:
             out.update(self.last_eval)
+            if self.grid:
+                out.update(shard_group_size=self.grid.k,
+                           embedding_bytes_per_rank=self.model.embedding_bytes_per_rank)
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
                        bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
@@ -376,9 +429,17 @@ def _check_distributed(cfg: Config) -> None:
     if cfg.optimizer.sparse.fused and dc.algorithm not in ("local",) and dc.workers > 1:
         raise ConfigError("optimizer.sparse.fused updates tables inside backward; algorithm "
                           f"'{dc.algorithm}' needs the gradients (use fused=false)")
+    if dc.shard_group_size > 1:
+        from ctrkit.distributed.sharding import check_grid
+        check_grid(dc.workers, dc.shard_group_size)
+        if dc.algorithm not in DECENTRALIZED:
+            raise ConfigError(f"distributed.shard_group_size={dc.shard_group_size} needs a "
+                              f"decentralized algorithm ({', '.join(DECENTRALIZED)}), not "
+                              f"'{dc.algorithm}'")
     if dc.workers > 1 or dc.topology == "edges":
         from ctrkit.comm.topology import build_topology
-        build_topology(dc.topology, dc.workers, dc.edges)   # reject bad graphs before launching
+        # the decentralized workers are the shard groups
+        build_topology(dc.topology, dc.workers // dc.shard_group_size, dc.edges)
 
 
 def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
@@ -470,13 +531,18 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     schema = load_or_prepare(cfg, cfg.train.progress)
     run_dir = Path(cfg.train.run_dir)
     path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / BEST
-    if checkpoint is None and not path.is_file():
-        path = run_dir / "checkpoints" / LAST
-    if not path.is_file():
+    for fallback in (BEST_SHARDED, LAST):
+        if checkpoint is None and not path.exists():
+            path = run_dir / "checkpoints" / fallback
+    if not (path.is_file() or (path / ".metadata").is_file()):
         raise CtrkitError(f"{path}: checkpoint not found")
     model = build_training_model(cfg, schema)
     try:
-        model.load_state_dict(load_checkpoint(path)["model"])
+        if path.is_dir():   # a sharded run's torch.distributed.checkpoint, loaded whole
+            from ctrkit.distributed.sharding import load_model
+            load_model(model, path)
+        else:
+            model.load_state_dict(load_checkpoint(path)["model"])
     except RuntimeError as e:
         raise CtrkitError(f"{path}: does not match model '{cfg.model.name}' "
                           f"({str(e).splitlines()[0]})") from None
