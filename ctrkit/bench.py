@@ -213,6 +213,13 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
                                settings=tuple(s for s in settings.split(",") if s),
                                references=tuple(r for r in refs if r),
                                samples=int(float(os.environ.get("CTRKIT_BENCH_SAMPLES", "0"))))
+    if what == "sharding":
+        out = Path(args.out) if args.out else Path("bench/results/sharding")
+        out.mkdir(parents=True, exist_ok=True)
+        sizes = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_SHARDS", "1,2,4").split(","))
+        return run_sharding(cfg, out, shard_sizes=sizes,
+                            workers=int(os.environ.get("CTRKIT_BENCH_WORKERS", "4")),
+                            samples=int(float(os.environ.get("CTRKIT_BENCH_SAMPLES", "0"))))
     if what != "throughput":
         raise CtrkitError(f"unknown benchmark '{what}'")
     from ctrkit.train.trainer import load_or_prepare
@@ -413,6 +420,8 @@ def _run_one(cfg: Config, run_dir: Path, algo: str, n: int, steps: int, dpsgd_lr
             "consensus_embedding": m.get("consensus_embedding"), "consensus_dense": m.get("consensus_dense"),
             "bytes_per_worker_step": per_step, "total_bytes_per_worker": per_step * steps,
             "traffic": {k: v for k, v in m.items() if k.endswith("_per_step") or k == "compression_ratio"},
+            "shard_group_size": m.get("shard_group_size", 1),
+            "embedding_bytes_per_rank": m.get("embedding_bytes_per_rank"),
             "wall_s": round(time.time() - t, 1)}
 
 
@@ -488,3 +497,44 @@ def _plot_compression(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- sharding
+def run_sharding(cfg: Config, out: Path, shard_sizes=(1, 2, 4), workers: int = 4,
+                 samples: int = 0) -> Dict[str, object]:
+    """The same n ranks as replicas (k = 1), as n/k shard groups of k ranks, and as one model-
+    parallel group (k = n): final AUC of the averaged model against embedding bytes per rank,
+    the same samples for every layout (default: half an epoch)."""
+    from ctrkit.train.trainer import load_or_prepare
+    schema = load_or_prepare(cfg, progress=False)
+    rows = schema.splits["train"].rows_written
+    bs = cfg.train.batch_size
+    samples = samples or rows // 2
+    steps = max(1, samples // (workers * bs))
+    algo = cfg.distributed.algorithm
+    runs = []
+    for k in shard_sizes:
+        r = _run_one(cfg, Path(cfg.train.run_dir) / f"{algo}-n{workers}-k{k}", algo, workers, steps,
+                     shard_group_size=k)
+        runs.append(r)
+        (out / "sharding.json").write_text(json.dumps({"runs": runs, "partial": True}, indent=1))
+        print(f"sharding: n={workers} k={k} AUC {r['final_auc']:.4f} logloss {r['final_logloss']:.4f} "
+              f"embedding MB per rank {[round(b / 2**20, 1) for b in r['embedding_bytes_per_rank']]} "
+              f"({r['wall_s']} s)", flush=True)
+    base = next((r for r in runs if r["shard_group_size"] == 1), None)
+    for r in runs:
+        r["max_embedding_bytes_per_rank"] = max(r["embedding_bytes_per_rank"])
+        if base:
+            r["auc_vs_replicated"] = r["final_auc"] - base["final_auc"]
+            r["memory_vs_replicated"] = (r["max_embedding_bytes_per_rank"]
+                                         / base["max_embedding_bytes_per_rank"])
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "batch_per_rank": bs,
+              "workers": workers, "samples": steps * workers * bs, "algorithm": algo,
+              "topology": cfg.distributed.topology, "lr_scaling": cfg.distributed.lr_scaling,
+              "runs": runs}
+    (out / "sharding.json").write_text(json.dumps(result, indent=1))
+    return {k: v for k, v in result.items() if k != "runs"} | {
+        "table": [{k: r.get(k) for k in ("shard_group_size", "final_auc", "auc_vs_replicated",
+                                         "max_embedding_bytes_per_rank", "memory_vs_replicated",
+                                         "wall_s")} for r in runs],
+        "written_to": str(out / "sharding.json")}

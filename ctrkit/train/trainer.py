@@ -409,9 +409,11 @@ class Trainer:
                 out[split] = self._evaluate_split(split)
         if self.env.active:
             out.update(self.last_eval)
-            if self.grid:
-                out.update(shard_group_size=self.grid.k,
-                           embedding_bytes_per_rank=self.model.embedding_bytes_per_rank)
+            from ctrkit.optim.build import split_parameters
+            per_rank = (self.model.embedding_bytes_per_rank if self.grid else
+                        [sum(p.numel() * p.element_size() for p in split_parameters(self.model)[0])])
+            out.update(shard_group_size=self.grid.k if self.grid else 1,
+                       embedding_bytes_per_rank=per_rank)
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
                        bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
