@@ -117,6 +117,9 @@ class TrainConfig(_Strict):
     prefetch: int = Field(default=4, ge=0)            # batches prepared ahead in a background thread
     run_dir: str = "runs/default"
     resume: bool = False
+    # Start from a saved model's weights (a `.pt` checkpoint, or the torch.distributed.checkpoint
+    # folder of a sharded run, which loads into any shard group size); optimizer state starts fresh.
+    init_from: Optional[str] = None
     overwrite: bool = False                           # allow a fresh run in a non-empty run_dir
     log_every: int = Field(default=50, ge=1)
     progress: bool = True
@@ -253,7 +256,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
 
 
 _PATH_KEYS = {"data": ("train", "valid", "test", "prepared_dir"), "synth": ("out_dir",),
-              "train": ("run_dir",)}
+              "train": ("run_dir", "init_from")}
 
 
 def _resolve_paths(tree: Dict[str, Any], base: Path) -> None:

@@ -175,3 +175,12 @@ def test_train_cli_2x2_sharded_run_and_single_process_eval(tmp_path):
     ev = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # one process, the whole model: the same AUC the sharded group 0 measured
     assert abs(ev["valid"]["auc"] - m["valid"]["auc"]) < 1e-9
+    # ... and into a run with another layout: 2 ranks as one model-parallel group (k = 2)
+    r2 = subprocess.run([sys.executable, "-m", "ctrkit", "train", *args, "distributed.workers=2",
+                         "distributed.shard_group_size=2", "distributed.algorithm=damsgrad",
+                         f"train.init_from={best}", f"train.run_dir={tmp_path / 'run2'}",
+                         "train.max_steps=1", "optimizer.dense.lr=1e-6", "optimizer.sparse.lr=1e-6",
+                         "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert abs(m2["valid"]["auc"] - m["valid"]["auc"]) < 2e-3

@@ -108,6 +108,8 @@ class Trainer:
                 print(f"ctrkit: {self.grid.groups} shard groups of {self.grid.k} ranks; rank g*k+p "
                       "gossips with rank h*k+p of neighbouring groups h\n" + "\n".join(plans),
                       flush=True)
+        if tc.init_from:
+            self._init_weights(Path(tc.init_from))
         # dpsgd/damsgrad keep their own update rule on a single worker too (no neighbours), so
         # n = 1 is the honest baseline of a scaling curve; allreduce on one worker is local Adam.
         self.algorithm = dc.algorithm if (env.active or dc.algorithm in DECENTRALIZED) \
@@ -177,6 +179,26 @@ class Trainer:
         self.stopped_early = False
         self.train_seconds = 0.0
         self.last_eval: Dict[str, float] = {}
+
+    def _init_weights(self, path: Path) -> None:
+        """`train.init_from`: a DCP folder loads into any layout; a `.pt` file into unsharded
+        tables only (its flat per-dimension weights do not split into shards)."""
+        if (path / ".metadata").is_file():
+            from ctrkit.distributed.sharding import load_model
+            load_model(self.model, path, group=self.grid.shard_pg if self.grid else None)
+            return
+        if not path.is_file():
+            raise CtrkitError(f"train.init_from: {path} is neither a checkpoint file nor a "
+                              "torch.distributed.checkpoint folder")
+        if self.grid:
+            raise CtrkitError(f"train.init_from: {path} is a .pt checkpoint; a sharded run "
+                              "starts from a torch.distributed.checkpoint folder (checkpoints/best "
+                              "of a sharded run, or `ctrkit.distributed.sharding.save_model`)")
+        try:
+            self.model.load_state_dict(load_checkpoint(path)["model"])
+        except (RuntimeError, KeyError) as e:
+            raise CtrkitError(f"train.init_from: {path} does not match model "
+                              f"'{self.cfg.model.name}' ({str(e).splitlines()[0]})") from None
 
     @property
     def bytes_sent(self) -> int:
