@@ -144,9 +144,10 @@ def test_sharded_2x2_matches_replicated_union_and_checkpoints_reshard(tmp_path):
 
 
 def test_train_cli_2x2_sharded_run_and_single_process_eval(tmp_path):
-    """`ctrkit train ... distributed.workers=4 distributed.shard_group_size=2`: the plan is
-    printed, the run trains and evaluates the averaged model, its best model is a
-    torch.distributed.checkpoint that `ctrkit eval` loads into one process."""
+    """`ctrkit train ... distributed.workers=4 distributed.shard_group_size=2` with choco: the
+    plan is printed, the run trains, resumes, evaluates the averaged model, and its best model is
+    a torch.distributed.checkpoint that `ctrkit eval` loads into one process and another layout
+    starts from."""
     import json
     import subprocess
     import sys
@@ -158,13 +159,19 @@ def test_train_cli_2x2_sharded_run_and_single_process_eval(tmp_path):
             f"train.run_dir={tmp_path / 'run'}", "model.hidden_units=[16]", "model.embedding_dim=4",
             "train.batch_size=128", "train.eval_every=4", "train.max_steps=8",
             "train.tensorboard=false", "train.plot=false", "distributed.timeout_s=60"]
-    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *args, "distributed.workers=4",
-                        "distributed.shard_group_size=2", "distributed.algorithm=damsgrad",
+    sharded = [*args, "distributed.workers=4", "distributed.shard_group_size=2",
+               "distributed.algorithm=choco", "train.checkpoint_every=4"]
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *sharded, "train.max_steps=4",
+                        "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # each rank resumes its own shard and optimizer state, then trains on to step 8
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *sharded, "train.resume=true",
                         "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 shard groups of 2 ranks" in r.stdout and "bytes per rank" in r.stdout
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["shard_group_size"] == 2 and m["workers"] == 4 and m["valid"]["auc"] > 0.5
+    assert m["steps"] == 8 and m["algorithm"] == "choco" and m["compression_ratio"] > 1
     per_rank = m["embedding_bytes_per_rank"]
     assert len(per_rank) == 2 and max(per_rank) < 0.75 * sum(per_rank)
     best = tmp_path / "run" / "checkpoints" / "best"
