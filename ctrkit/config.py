@@ -147,10 +147,6 @@ class DistributedConfig(_Strict):
     gamma: float = Field(default=0.3, gt=0, le=1)
     tracker: Literal["compressed", "exact"] = "compressed"
     tracker_every: int = Field(default=1, ge=1)
-    # damsgrad/choco tables: scale a row's step by sqrt(vhat_i / u_i) (at most sqrt(n)); that ratio
-    # estimates n / (workers that touch the row), the factor by which gossip averaging dilutes the
-    # updates of rows few workers touch (allreduce's Adam does not). Experimental (README).
-    row_correction: bool = False
     # Ranks per shard group: k ranks split the tables with torchrec (table-/column-wise) and act as
     # one decentralized worker fed the union of their batches; the workers/k groups gossip.
     # 1: every rank holds all tables; workers: pure model parallelism, no gossip.

@@ -165,8 +165,7 @@ class DecentralizedOptimizer(Optimizer):
                  betas=(0.9, 0.999), eps: float = 1e-8, rowwise: bool = False,
                  compressor: Optional[Compressor] = None,
                  dense_compressor: Optional[Compressor] = None, gamma: float = 1.0,
-                 tracker: str = "compressed", tracker_every: int = 1,
-                 row_correction: bool = False) -> None:
+                 tracker: str = "compressed", tracker_every: int = 1) -> None:
         sparse, dense = split_parameters(model)
         groups = [g for g in ({"params": dense, "lr": dense_lr, "sparse": False},
                               {"params": sparse, "lr": sparse_lr, "sparse": True}) if g["params"]]
@@ -181,7 +180,6 @@ class DecentralizedOptimizer(Optimizer):
         self.dense_compressor = (dense_compressor or compressor) if algorithm == "choco" else None
         self.gamma = gamma if algorithm == "choco" else 1.0
         self.tracker, self.tracker_every = tracker, max(1, tracker_every)
-        self.row_correction = row_correction and self.adaptive
         self.traffic: Counter = Counter()
 
     def _step_count(self) -> int:
@@ -301,13 +299,8 @@ class DecentralizedOptimizer(Optimizer):
             if self.adaptive and rows is not None:
                 add_rows_(st["u"], rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)
-                u = st["u"].index_select(0, rows).clamp(min=group["eps"])
-                step = m / u.sqrt()
-                if self.row_correction:
-                    # sqrt(vhat_i / u_i) estimates sqrt(n / workers touching the row): the
-                    # network average dilutes a row's step by that share, allreduce does not.
-                    step.mul_((vhat_new / u).clamp(max=float(self.topo.n)).sqrt_())
-                add_rows_(p.data, rows, step, alpha=-group["lr"])
+                u = st["u"].index_select(0, rows).clamp(min=group["eps"]).sqrt()
+                add_rows_(p.data, rows, m / u, alpha=-group["lr"])
                 xg.mark(rows)
                 ug.mark(rows)
 
