@@ -320,7 +320,9 @@ class Trainer:
         mine = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(state)
         path = self.run_dir / "checkpoints" / BEST_SHARDED
-        shutil.rmtree(path, ignore_errors=True)
+        if self.grid.pos == 0:   # one rank clears the old one; nobody writes before it is gone
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier(group=self.grid.shard_pg)
         save_model(self.model, path, group=self.grid.shard_pg)
         self.model.load_state_dict(mine)
 
