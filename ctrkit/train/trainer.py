@@ -320,10 +320,17 @@ class Trainer:
         mine = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(state)
         path = self.run_dir / "checkpoints" / BEST_SHARDED
-        if self.grid.pos == 0:   # one rank clears the old one; nobody writes before it is gone
-            shutil.rmtree(path, ignore_errors=True)
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        if self.grid.pos == 0:   # one rank clears leftovers; nobody writes before they are gone
+            shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier(group=self.grid.shard_pg)
-        save_model(self.model, path, group=self.grid.shard_pg)
+        save_model(self.model, tmp, group=self.grid.shard_pg)
+        dist.barrier(group=self.grid.shard_pg)
+        if self.grid.pos == 0:   # swap in the complete checkpoint; a crash leaves one of the two
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
         self.model.load_state_dict(mine)
 
     def _validate(self) -> tuple:
