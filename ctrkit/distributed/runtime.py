@@ -96,10 +96,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def reduce_mean_(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.active:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(env.world)
+def reduce_mean_(t: torch.Tensor, env: DistEnv, group=None, size: Optional[int] = None) -> torch.Tensor:
+    """Mean of `t` over `group` (`size` ranks), or over all ranks, in place."""
+    size = env.world if size is None else size
+    if size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t.div_(size)
     return t
 
 
@@ -134,10 +136,7 @@ def network_average(model: torch.nn.Module, env: DistEnv, grid=None) -> Optional
         if not torch.is_floating_point(v):
             avg[k] = v.clone()
             continue
-        a = v.detach().clone()
-        if size > 1:
-            dist.all_reduce(a, group=group)
-            a.div_(size)
+        a = reduce_mean_(v.detach().clone(), env, group, size)
         avg[k] = a
         if k in params:
             d = float((v - a).pow(2).sum())

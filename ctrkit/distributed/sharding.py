@@ -159,7 +159,7 @@ def describe_plan(name: str, plan, tables: List[EmbeddingBagConfig], k: int) -> 
     for tname, ps in plan.items():
         parts = []
         for sh in ps.sharding_spec.shards:
-            r = int(str(sh.placement).split(":")[1].split("/")[0])
+            r = sh.placement.rank()
             rows, cols = sh.shard_sizes
             per_rank[r] += rows * cols * 4
             parts.append(f"rank {r}: {rows}x{cols} @ {list(sh.shard_offsets)}")
@@ -260,19 +260,9 @@ def average_dense_grads(model: nn.Module, grid: ShardGrid) -> None:
     """Dense parameters are replicated inside a shard group: average their gradients over it
     (torchrec already divides the tables' gradients by k in its all-to-all's backward)."""
     from ctrkit.optim.build import split_parameters
-    if grid.k == 1:
-        return
-    _, dense = split_parameters(model)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=grid.shard_pg)
-    flat.div_(grid.k)
-    off = 0
-    for p, g in zip(dense, grads):
-        p.grad = flat[off:off + g.numel()].view_as(p).clone()
-        off += g.numel()
+    from ctrkit.optim.decentralized import average_dense_gradients
+    if grid.k > 1:
+        average_dense_gradients(split_parameters(model)[1], grid.k, grid.shard_pg)
 
 
 @torch.no_grad()

@@ -337,23 +337,30 @@ class DecentralizedOptimizer(Optimizer):
                                                        or k.endswith("sum")))
 
 
+def average_dense_gradients(params: List[nn.Parameter], size: int, group=None) -> int:
+    """Average the parameters' gradients over `group` (`size` ranks; None: all) in one flat
+    all_reduce; a missing gradient counts as zero. Returns bytes sent."""
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not grads:
+        return 0
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat.div_(size)
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+    return flat.numel() * 4
+
+
 def average_gradients(model: nn.Module, world: int) -> int:
     """The `allreduce` reference: average dense gradients (all_reduce) and row-sparse table
     gradients (all_gather of row ids and rows, padded to the largest). Returns bytes sent."""
     import torch.distributed as dist
     sparse, dense = split_parameters(model)
-    sent = 0
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
-        sent += flat.numel() * 4
-        off = 0
-        for p, g in zip(dense, grads):
-            n = g.numel()
-            p.grad = flat[off:off + n].view_as(p).clone()
-            off += n
+    sent = average_dense_gradients(dense, world)
     for p in sparse:
         if p.grad is None:
             rows = torch.zeros(0, dtype=torch.int64)
