@@ -64,18 +64,21 @@ class _Variant:
         self.name, self.step, self.it, self.times = name, step, loader_iter, []
 
 
-def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None) -> _Variant:
+def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None,
+                  device: torch.device = torch.device("cpu")) -> _Variant:
     """The whole training step; tables of the data's own sizes, or `total_rows` rows in all."""
     bs = cfg.train.batch_size
+    pin = device.type == "cuda"
     if total_rows is None:
         s = schema
-        loader = BatchLoader(schema, "train", bs, shuffle=True, seed=0, drop_last=True, prefetch=4)
+        loader = BatchLoader(schema, "train", bs, shuffle=True, seed=0, drop_last=True, prefetch=4,
+                             pin_memory=pin)
     else:
         s = _schema_with_rows(schema, total_rows)
         loader = _FoldedLoader(schema, "train", bs, shuffle=True, seed=0, drop_last=True,
-                               prefetch=4, rows_per_table=s.sparse[0].vocab_size)
+                               prefetch=4, rows_per_table=s.sparse[0].vocab_size, pin_memory=pin)
     torch.manual_seed(0)
-    model = build_model(cfg.model, s)
+    model = build_model(cfg.model, s).to(device)
     opts = build_optimizers(model, cfg.optimizer)
     state = {"it": iter(loader)}
 
@@ -86,6 +89,7 @@ def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None)
             loader.set_position(loader.epoch + 1)
             state["it"] = iter(loader)
             batch = next(state["it"])
+        batch = batch.to(device)
         loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels)
         loss.backward()
         for o in opts:
@@ -98,20 +102,22 @@ def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None)
 DENSE_POOL = 8   # 8 x 7 MB of embeddings: more than this CPU's cache
 
 
-def _dense_variant(cfg: Config, schema: Schema, batch_size: int, input_grad: bool = True) -> _Variant:
+def _dense_variant(cfg: Config, schema: Schema, batch_size: int, input_grad: bool = True,
+                   device: torch.device = torch.device("cpu")) -> _Variant:
     """DeepFM's dense part alone on a precomputed embedding tensor of the same shape.
 
     With `input_grad` its backward also computes the gradient of its embedding input, as the dense
     part of any model with trained embeddings must (that GEMM is matrix work, not embedding
     overhead); without it, the number for a dense part on frozen embeddings is reported too."""
     torch.manual_seed(0)
-    model = build_model(cfg.model, _schema_with_rows(schema, 10_000))
+    model = build_model(cfg.model, _schema_with_rows(schema, 10_000)).to(device)
     mlp = model.mlp
     n_fields, dim = len(schema.sparse), model.dim
     # Several precomputed batches used in turn: like real batches (and unlike one reused tensor)
     # they are not sitting in the CPU cache when a step starts.
-    pool = [((torch.randn(batch_size, n_fields, dim) * 0.01).requires_grad_(input_grad),
-             torch.randn(batch_size, len(schema.dense)), (torch.rand(batch_size) < 0.25).float())
+    pool = [((torch.randn(batch_size, n_fields, dim, device=device) * 0.01).requires_grad_(input_grad),
+             torch.randn(batch_size, len(schema.dense), device=device),
+             (torch.rand(batch_size, device=device) < 0.25).float())
             for _ in range(DENSE_POOL)]
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, fused=True)
     state = {"i": 0}
@@ -128,28 +134,36 @@ def _dense_variant(cfg: Config, schema: Schema, batch_size: int, input_grad: boo
 
 
 def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_per_round: int,
-                  small_rows: int = 10_000, big_rows: int = 10_000_000) -> Dict[str, object]:
+                  small_rows: int = 10_000, big_rows: int = 10_000_000,
+                  device: torch.device = torch.device("cpu")) -> Dict[str, object]:
     torch.set_num_threads(threads)
     keep_freed_memory()   # as `ctrkit train` does
     bs = cfg.train.batch_size
-    variants = [_dense_variant(cfg, schema, bs), _full_variant(cfg, schema),
-                _full_variant(cfg, schema, small_rows), _full_variant(cfg, schema, big_rows),
-                _dense_variant(cfg, schema, bs, input_grad=False)]
+    variants = [_dense_variant(cfg, schema, bs, device=device), _full_variant(cfg, schema, None, device),
+                _full_variant(cfg, schema, small_rows, device),
+                _full_variant(cfg, schema, big_rows, device),
+                _dense_variant(cfg, schema, bs, input_grad=False, device=device)]
+
+    def sync() -> None:   # a GPU step is timed to the end of its queued kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     for v in variants:   # warm-up (allocations, lazy state)
         for _ in range(2):
             v.step()
     for _ in range(rounds):
         for v in variants:
+            sync()
             t = time.perf_counter()
             for _ in range(steps_per_round):
                 v.step()
+            sync()
             v.times.append((time.perf_counter() - t) / steps_per_round)
     med = {v.name: statistics.median(v.times) for v in variants}
     ratios_dense = [a / b for a, b in zip(variants[1].times, variants[0].times)]
     ratios_big = [a / b for a, b in zip(variants[3].times, variants[2].times)]
     ratios_frozen = [a / b for a, b in zip(variants[1].times, variants[4].times)]
     return {
-        "threads": threads,
+        "device": str(device), "threads": threads,
         "step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
         "samples_per_s": {k: round(bs / v) for k, v in med.items()},
         "full_over_dense": round(statistics.median(ratios_dense), 3),
@@ -230,16 +244,26 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
     out.parent.mkdir(parents=True, exist_ok=True)
     rounds = int(os.environ.get("CTRKIT_BENCH_ROUNDS", "7"))
     steps = int(os.environ.get("CTRKIT_BENCH_STEPS", "3"))
+    from ctrkit.train.device import resolve_device
+    device = resolve_device(cfg.train.device)
+    # On this 2-core host the CPU numbers at 1 and 2 threads; a GPU is measured once, with the
+    # host's cores for the loader and the Python side.
+    thread_counts = (1, 2) if device.type == "cpu" else (os.cpu_count() or 1,)
     result: Dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "batch_size": cfg.train.batch_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": cfg.model.model_dump(), "sparse_optimizer": cfg.optimizer.sparse.name,
         "tables": len(schema.sparse), "vocabulary_rows": sum(f.vocab_size for f in schema.sparse),
         "train_rows": schema.splits["train"].rows_written,
-        "steps": [measure_steps(cfg, schema, t, rounds, steps) for t in (1, 2)],
+        "steps": [measure_steps(cfg, schema, t, rounds, steps, device=device)
+                  for t in thread_counts],
     }
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result["prepare"] = measure_prepare(cfg, out.parent)
+    if device.type == "cpu":   # (host work: measured on the CPU runs only)
+        result["prepare"] = measure_prepare(cfg, out.parent)
+    else:
+        result["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     out.write_text(json.dumps(result, indent=1))
     result["written_to"] = str(out)
     return result

@@ -112,6 +112,9 @@ class TrainConfig(_Strict):
     early_stop: EarlyStopConfig = EarlyStopConfig()
     lr_plateau: PlateauConfig = PlateauConfig()
     threads: int = Field(default=0, ge=0)             # torch intra-op threads; 0 = leave torch's default
+    # auto: the GPU when torch sees one (rank r of a node takes cuda:<local rank>), else the CPU;
+    # cpu; cuda; cuda:N (every rank on GPU N: only with gloo, e.g. several ranks on one GPU).
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     seed: int = 0
     shuffle: bool = True
     prefetch: int = Field(default=4, ge=0)            # batches prepared ahead in a background thread

@@ -2,7 +2,8 @@
 
 Dense tensors travel as one flat buffer per neighbour. Row-sparse messages (row ids + row values)
 are packed into one float buffer per neighbour (ids as int32 bits when they fit, else int64 bits),
-preceded by a one-number size message. Every byte handed to `isend` is counted.
+preceded by a one-number size message. Every byte handed to `isend` is counted. Messages travel from `comm_device()` (the GPU under NCCL,
+else host memory) and come back on the device of the tensors handed in.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class NeighborExchange:
         self.rank, self.neighbors, self.group = rank, list(neighbors), group
         self.bytes_sent = 0
         self.id_dtype = torch.int32 if num_rows_hint < 2 ** 31 else torch.int64
+        from ctrkit.distributed.runtime import comm_device
+        self.device = comm_device()
 
     def _run(self, sends: Dict[int, torch.Tensor], recvs: Dict[int, torch.Tensor],
              what: str = "dense") -> None:
@@ -42,26 +45,29 @@ class NeighborExchange:
 
     def dense(self, flat: torch.Tensor) -> Dict[int, torch.Tensor]:
         """Send `flat` to every neighbour; return what each neighbour sent (same shape)."""
-        flat = flat.contiguous()
+        home = flat.device
+        flat = flat.contiguous().to(self.device)
         recvs = {j: torch.empty_like(flat) for j in self.neighbors}
         self._run({j: flat for j in self.neighbors}, recvs)
-        return recvs
+        return {j: r.to(home) for j, r in recvs.items()}
 
     def blobs(self, data: torch.Tensor, what: str = "compressed") -> Dict[int, torch.Tensor]:
         """Send one uint8 message (any length) to every neighbour; return each neighbour's."""
-        size = torch.tensor([data.numel()], dtype=torch.int64)
-        sizes = {j: torch.empty(1, dtype=torch.int64) for j in self.neighbors}
+        home, dev = data.device, self.device
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
+        sizes = {j: torch.empty(1, dtype=torch.int64, device=dev) for j in self.neighbors}
         self._run({j: size for j in self.neighbors}, sizes, f"{what} sizes")
-        buf = data.contiguous() if data.numel() else torch.zeros(1, dtype=torch.uint8)
-        recvs = {j: torch.empty(max(1, int(sizes[j])), dtype=torch.uint8) for j in self.neighbors}
+        buf = (data.contiguous() if data.numel() else torch.zeros(1, dtype=torch.uint8)).to(dev)
+        recvs = {j: torch.empty(max(1, int(sizes[j])), dtype=torch.uint8, device=dev)
+                 for j in self.neighbors}
         self._run({j: buf for j in self.neighbors}, recvs, what)
-        return {j: b[:int(sizes[j])] for j, b in recvs.items()}
+        return {j: b[:int(sizes[j])].to(home) for j, b in recvs.items()}
 
     def rows(self, rows: torch.Tensor, values: torch.Tensor) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
         """Send (row ids, [U, D] values) to every neighbour; return each neighbour's pair."""
-        d = values.shape[1]
-        size = torch.tensor([rows.numel()], dtype=torch.int64)
-        sizes = {j: torch.empty(1, dtype=torch.int64) for j in self.neighbors}
+        d, home, dev = values.shape[1], values.device, self.device
+        size = torch.tensor([rows.numel()], dtype=torch.int64, device=dev)
+        sizes = {j: torch.empty(1, dtype=torch.int64, device=dev) for j in self.neighbors}
         self._run({j: size for j in self.neighbors}, sizes, "row counts")
         ids = rows.to(self.id_dtype)
         buf = torch.cat([ids.view(torch.float32).reshape(-1), values.reshape(-1).to(torch.float32)])
@@ -69,12 +75,14 @@ class NeighborExchange:
         # gloo cannot send empty tensors: an empty message is one padding word
         if buf.numel() == 0:
             buf = torch.zeros(1)
-        recvs = {j: torch.empty(max(1, int(sizes[j]) * (words_per_id + d)), dtype=torch.float32)
-                 for j in self.neighbors}
+        buf = buf.to(dev)
+        recvs = {j: torch.empty(max(1, int(sizes[j]) * (words_per_id + d)), dtype=torch.float32,
+                                device=dev) for j in self.neighbors}
         self._run({j: buf for j in self.neighbors}, recvs, "rows")
         out = {}
         for j, b in recvs.items():
             n = int(sizes[j])
+            b = b[:n * (words_per_id + d)].to(home)
             rid = b[: n * words_per_id].view(self.id_dtype).to(torch.int64)
-            out[j] = (rid, b[n * words_per_id:n * (words_per_id + d)].view(n, d))
+            out[j] = (rid, b[n * words_per_id:].view(n, d))
         return out

@@ -24,7 +24,11 @@ class DistinctIds(NamedTuple):
 
 
 def distinct_ids(values: Union[torch.Tensor, np.ndarray]) -> DistinctIds:
-    """Distinct values of a 1-D int64 array with inverse map and grouping (one sort)."""
+    """Distinct values of a 1-D int64 array with inverse map and grouping (one sort).
+
+    Host arrays are done in numpy (see above); a GPU tensor stays on its device."""
+    if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+        return _distinct_ids_torch(values)
     v = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     v = v.astype(np.int64, copy=False)
     n = v.shape[0]
@@ -39,3 +43,13 @@ def distinct_ids(values: Union[torch.Tensor, np.ndarray]) -> DistinctIds:
     inverse[order] = np.cumsum(first) - 1
     return DistinctIds(torch.from_numpy(sorted_v[starts]), torch.from_numpy(inverse),
                        torch.from_numpy(order), torch.from_numpy(np.append(starts, n)))
+
+
+def _distinct_ids_torch(values: torch.Tensor) -> DistinctIds:
+    """`distinct_ids` with torch ops, on the tensor's own device."""
+    v = values.to(torch.int64)
+    keys, inverse, counts = torch.unique(v, sorted=True, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    offsets = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=v.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return DistinctIds(keys, inverse, order, offsets)

@@ -31,19 +31,49 @@ class Batch:
     def size(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on `device`, with the loader's per-batch facts (distinct ids, one id per bag)
+        carried along, so the step on a GPU skips the same work as on the CPU."""
+        if self.labels.device == device:
+            return self
+        nb = device.type == "cuda" and self.labels.is_pinned()
+        kjt = self.sparse.to(device, non_blocking=nb)
+        _carry_batch_facts(self.sparse, kjt, lambda t: t.to(device, non_blocking=nb))
+        return Batch(self.dense.to(device, non_blocking=nb), kjt,
+                     self.labels.to(device, non_blocking=nb))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked host copies, so the copy to the GPU overlaps the step."""
+        kjt = KeyedJaggedTensor(keys=self.sparse.keys(), values=self.sparse.values().pin_memory(),
+                                lengths=self.sparse.lengths().pin_memory(),
+                                stride=self.sparse.stride())
+        _carry_batch_facts(self.sparse, kjt, lambda t: t.pin_memory())
+        return Batch(self.dense.pin_memory(), kjt, self.labels.pin_memory())
+
+
+def _carry_batch_facts(src: KeyedJaggedTensor, dst: KeyedJaggedTensor, move) -> None:
+    """Copy the loader's facts about a batch (`_ctrkit_*`: distinct ids, one id per bag) to a
+    moved copy of its KJT; caches the model filled in on the way are left behind."""
+    for k, v in src.__dict__.items():
+        if k.startswith("_ctrkit_") and isinstance(v, tuple):
+            dst.__dict__[k] = type(v)(*(move(t) for t in v))
+        elif k.startswith("_ctrkit_") and isinstance(v, bool):
+            dst.__dict__[k] = v
+
 
 class BatchLoader:
     """Iterates one split's batches; `len()` is the number of batches per epoch for this rank."""
 
     def __init__(self, schema: Schema, split: str, batch_size: int, shuffle: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 prefetch: int = 4, precompute_unique: bool = True) -> None:
+                 prefetch: int = 4, precompute_unique: bool = True, pin_memory: bool = False) -> None:
         if split not in schema.splits:
             raise KeyError(f"split '{split}' was not prepared")
         self.schema, self.split, self.batch_size = schema, split, batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.drop_last, self.prefetch = drop_last, prefetch
         self.precompute_unique = precompute_unique
+        self.pin_memory = pin_memory   # for a GPU run: batches in page-locked memory
         self.keys = [f.name for f in schema.sparse]
         self.shards = [load_shard(schema.root, s) for s in schema.splits[split].shards]
         self.epoch = 0
@@ -120,7 +150,8 @@ class BatchLoader:
             keys += self._feature_shift
             kjt.__dict__["_ctrkit_batch_unique"] = distinct_ids(keys.reshape(-1))
         kjt.__dict__["_ctrkit_one_per_bag"] = True
-        return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
+        batch = Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
+        return batch.pin_memory() if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self._order()[self.start_batch:]

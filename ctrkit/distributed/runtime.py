@@ -5,7 +5,7 @@ endpoint) is picked up from the environment. gloo on CPU, NCCL on GPU."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -21,6 +21,7 @@ from ctrkit.errors import CtrkitError
 class DistEnv:
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -36,17 +37,19 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(cfg: Config) -> DistEnv:
-    """Join the process group torchrun set up (no-op in a single process)."""
+    """Pick this process's device and join the process group torchrun set up (in a single
+    process: the device only)."""
+    from ctrkit.train.device import resolve_backend, resolve_device, use_device
+    device = resolve_device(cfg.train.device)
+    use_device(device)
     if not launched_by_torchrun():
-        return DistEnv()
+        return DistEnv(device=device)
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     if cfg.distributed.workers not in (1, world):
         raise CtrkitError(f"distributed.workers={cfg.distributed.workers} but torchrun started "
                           f"{world} ranks")
-    backend = cfg.distributed.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(cfg.distributed.backend, device, cfg.train.device)
     if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
             and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
         raise CtrkitError(
@@ -55,7 +58,15 @@ def init_distributed(cfg: Config) -> DistEnv:
             "failed attempt and hangs or gets 'Connection refused' (pytorch/pytorch#135712)")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
-    return DistEnv(rank, world)
+    return DistEnv(rank, world, device)
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to torch.distributed must live: the current GPU under NCCL, else the
+    host (gloo sends host memory; GPU tensors of ranks sharing a GPU are staged through it)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def launch_workers(cfg: Config, run_dir: Path) -> None:
@@ -100,15 +111,16 @@ def reduce_mean_(t: torch.Tensor, env: DistEnv, group=None, size: Optional[int] 
     """Mean of `t` over `group` (`size` ranks), or over all ranks, in place."""
     size = env.world if size is None else size
     if size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        t.div_(size)
+        c = t.to(comm_device())
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+        t.copy_(c).div_(size)
     return t
 
 
 def gather_floats(x: float, env: DistEnv) -> list:
     if not env.active:
         return [x]
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=comm_device())
     out = [torch.zeros_like(t) for _ in range(env.world)]
     dist.all_gather(out, t)
     return [float(o) for o in out]
@@ -117,7 +129,7 @@ def gather_floats(x: float, env: DistEnv) -> list:
 def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     if not env.active:
         return flag
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=comm_device())
     dist.broadcast(t, src=0)
     return bool(t.item())
 

@@ -13,6 +13,8 @@ so a group takes exactly the step of one worker fed the union of its members' ba
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -87,7 +89,7 @@ def make_grid(rank: int, world: int, k: int, device: str = "cpu") -> ShardGrid:
     return ShardGrid(rank, world, k, mesh)
 
 
-def _plan_for_group(plan, grid: ShardGrid):
+def _plan_for_group(plan, grid: ShardGrid, device: torch.device = torch.device("cpu")):
     """The group plan with its ranks 0..k-1 renamed to this group's global ranks (torchrec's 2-D
     environment and its ShardedTensors name shards by global rank)."""
     import copy
@@ -99,8 +101,18 @@ def _plan_for_group(plan, grid: ShardGrid):
         ps.ranks = [base + r for r in ps.ranks]
         if isinstance(ps.sharding_spec, EnumerableShardingSpec):
             for sh in ps.sharding_spec.shards:
-                sh.placement = _remote_device(f"rank:{base + sh.placement.rank()}/cpu")
+                r = base + sh.placement.rank()
+                sh.placement = _remote_device(f"rank:{r}/{_rank_device(r, device)}")
     return plan
+
+
+def _rank_device(rank: int, device: torch.device) -> str:
+    """The device a global rank computes on: the host, or under torchrun the GPU of its local
+    rank (ranks fill nodes in order, LOCAL_WORLD_SIZE per node)."""
+    if device.type != "cuda":
+        return "cpu"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return f"cuda:{rank % per_node}"
 
 
 def lift_topology(groups: Topology, k: int) -> Topology:
@@ -182,14 +194,17 @@ class ShardedEmbeddingBags(nn.Module):
     shard; `ctrkit.optim.sparse.rows_and_grads` keeps its nonzero rows (O(local rows) per step,
     1/k of what an unsharded torchrec EBC costs)."""
 
-    def __init__(self, bag: BatchedEmbeddingBags, plan, grid: ShardGrid) -> None:
+    def __init__(self, bag: BatchedEmbeddingBags, plan, grid: ShardGrid,
+                 device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
         self.tables = list(bag.tables)
         self.embedding_dim = bag.embedding_dim
         self.feature_names = list(bag.feature_names)
+        self._device = device
         # Not a registered submodule: its state_dict holds ShardedTensors, while ours is local.
-        self.__dict__["_ebc"] = _sharder().shard(bag.to_torchrec(), _plan_for_group(plan, grid),
-                                                 grid.env(), torch.device("cpu"))
+        self.__dict__["_ebc"] = _sharder().shard(bag.to_torchrec(),
+                                                 _plan_for_group(plan, grid, device),
+                                                 grid.env(), device)
         self._pos = grid.pos
         self._order: Optional[tuple] = None
         self.shard_names: List[str] = []
@@ -217,7 +232,8 @@ class ShardedEmbeddingBags(nn.Module):
             if len(mine) != 1:
                 raise RuntimeError(f"table {t.name}: {len(mine)} shards on one rank are not supported")
             (r0, c0), (nr, nc) = mine[0].shard_offsets, mine[0].shard_sizes
-            getattr(self, f"shard_{t.name}").data.copy_(bag.table_weight(i)[r0:r0 + nr, c0:c0 + nc])
+            getattr(self, f"shard_{t.name}").data.copy_(
+                bag.table_weight(i)[r0:r0 + nr, c0:c0 + nc].to(self._device))
 
     def sharded_state(self) -> Dict[str, torch.Tensor]:
         """{table name: ShardedTensor} (global shape rows x dim), for distributed checkpoints."""
@@ -233,12 +249,14 @@ class ShardedEmbeddingBags(nn.Module):
         keys = kt.keys()   # grouped by sharding type and rank, not in table order
         if keys != self.feature_names:
             if self._order is None or self._order[0] != keys:
-                self._order = (keys, torch.tensor([keys.index(f) for f in self.feature_names]))
+                self._order = (keys, torch.tensor([keys.index(f) for f in self.feature_names],
+                                                  device=values.device))
             values = values.index_select(1, self._order[1])
         return values
 
 
-def shard_model(model: nn.Module, grid: ShardGrid, backend: str = "gloo") -> List[str]:
+def shard_model(model: nn.Module, grid: ShardGrid, backend: str = "gloo",
+                device: torch.device = torch.device("cpu")) -> List[str]:
     """Replace every `BatchedEmbeddingBags` of the model by its sharded version; returns the plan
     descriptions and sets `model.embedding_bytes_per_rank` (bytes of tables held by each rank)."""
     described, per_rank = [], [0] * grid.k
@@ -251,7 +269,7 @@ def shard_model(model: nn.Module, grid: ShardGrid, backend: str = "gloo") -> Lis
         per_rank = [x + y for x, y in zip(per_rank, b)]
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, ShardedEmbeddingBags(module, plan, grid))
+        setattr(parent, leaf, ShardedEmbeddingBags(module, plan, grid, device))
     model.embedding_bytes_per_rank = per_rank
     return described
 
@@ -274,9 +292,12 @@ def evaluate_sharded(model: nn.Module, schema, split: str, batch_size: int, grid
     import numpy as np
     from ctrkit.data.loader import BatchLoader
     from ctrkit.train.evaluate import auc_logloss
+    from ctrkit.distributed.runtime import comm_device
+    comm = comm_device()
+    device = next(model.parameters()).device
     loader = BatchLoader(schema, split, batch_size, prefetch=prefetch, rank=grid.pos,
                          world_size=grid.k)
-    steps = torch.tensor([len(loader)])
+    steps = torch.tensor([len(loader)], device=comm)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=grid.shard_pg)
     filler = None
     if len(loader) == 0:   # nothing of this split here, but the group's forwards need this rank
@@ -288,23 +309,24 @@ def evaluate_sharded(model: nn.Module, schema, split: str, batch_size: int, grid
     try:
         for _ in range(int(steps)):
             batch = next(it, None)
-            p = torch.sigmoid(model(batch if batch is not None else filler)).double()
+            p = torch.sigmoid(model((batch if batch is not None else filler).to(device)))
+            p = p.double().to(comm)
             if batch is not None:
                 ps.append(p)
-                ys.append(batch.labels.double())
+                ys.append(batch.labels.double().to(comm))
                 filler = batch
     finally:
         model.train(was_training)
-    mine = torch.stack([torch.cat(ys) if ys else torch.zeros(0, dtype=torch.float64),
-                        torch.cat(ps) if ps else torch.zeros(0, dtype=torch.float64)])
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(grid.k)]
-    dist.all_gather(sizes, torch.tensor([mine.shape[1]]), group=grid.shard_pg)
+    mine = torch.stack([torch.cat(ys) if ys else torch.zeros(0, dtype=torch.float64, device=comm),
+                        torch.cat(ps) if ps else torch.zeros(0, dtype=torch.float64, device=comm)])
+    sizes = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(grid.k)]
+    dist.all_gather(sizes, torch.tensor([mine.shape[1]], device=comm), group=grid.shard_pg)
     top = int(max(int(s) for s in sizes))
-    padded = torch.zeros(2, top, dtype=torch.float64)
+    padded = torch.zeros(2, top, dtype=torch.float64, device=comm)
     padded[:, :mine.shape[1]] = mine
     parts = [torch.zeros_like(padded) for _ in range(grid.k)]
     dist.all_gather(parts, padded, group=grid.shard_pg)
-    both = torch.cat([p[:, :int(s)] for p, s in zip(parts, sizes)], dim=1).numpy()
+    both = torch.cat([p[:, :int(s)] for p, s in zip(parts, sizes)], dim=1).cpu().numpy()
     return auc_logloss(both[0], both[1])
 
 

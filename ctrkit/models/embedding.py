@@ -67,7 +67,8 @@ class BatchedEmbeddingBags(nn.Module):
 
     def flat_indices(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Row ids into the flat weight, in KJT (table-major) order."""
-        per_key = torch.tensor(kjt.length_per_key(), dtype=torch.int64)
+        per_key = torch.tensor(kjt.length_per_key(), dtype=torch.int64,
+                               device=self.row_offsets.device)
         return kjt.values().to(torch.int64) + torch.repeat_interleave(self.row_offsets, per_key)
 
     def _lookup_indices(self, kjt: KeyedJaggedTensor, single: bool) -> torch.Tensor:
@@ -129,7 +130,7 @@ class BatchedEmbeddingBags(nn.Module):
 
     def to_torchrec(self) -> EmbeddingBagCollection:
         """A torchrec EmbeddingBagCollection holding a copy of these weights."""
-        ebc = EmbeddingBagCollection(tables=self.tables, device=torch.device("cpu"))
+        ebc = EmbeddingBagCollection(tables=self.tables, device=self.weight.device)
         with torch.no_grad():
             for i, t in enumerate(self.tables):
                 ebc.embedding_bags[t.name].weight.copy_(self.table_weight(i))

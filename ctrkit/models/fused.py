@@ -22,7 +22,8 @@ FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 class FusedEmbeddingBags(nn.Module):
     """Same interface as `BatchedEmbeddingBags` (`forward(kjt) -> [B, T, D]`), fused update."""
 
-    def __init__(self, source: BatchedEmbeddingBags, opt: SparseOptConfig) -> None:
+    def __init__(self, source: BatchedEmbeddingBags, opt: SparseOptConfig,
+                 device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
@@ -34,11 +35,13 @@ class FusedEmbeddingBags(nn.Module):
         self.feature_names = source.feature_names
         self.embedding_dim = source.embedding_dim
         self._select = source._select
-        specs = [(t.num_embeddings, t.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU)
-                 for t in source.tables]
+        # On a GPU the tables live in its memory (fbgemm's CUDA build); on the CPU in host memory.
+        where = ((EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if device.type == "cuda"
+                 else (EmbeddingLocation.HOST, ComputeDevice.CPU))
+        specs = [(t.num_embeddings, t.embedding_dim, *where) for t in source.tables]
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=specs, optimizer=kind, learning_rate=opt.lr, eps=opt.eps,
-            weight_decay=opt.weight_decay, device=torch.device("cpu"),
+            weight_decay=opt.weight_decay, device=device,
             pooling_mode=PoolingMode.SUM if source.mode == "sum" else PoolingMode.MEAN)
         with torch.no_grad():
             for i, w in enumerate(self.tbe.split_embedding_weights()):
@@ -56,7 +59,8 @@ class FusedEmbeddingBags(nn.Module):
         return self.tbe.split_embedding_weights()[i]
 
 
-def fuse_embeddings(model: nn.Module, opt: SparseOptConfig) -> nn.Module:
+def fuse_embeddings(model: nn.Module, opt: SparseOptConfig,
+                    device: torch.device = torch.device("cpu")) -> nn.Module:
     """Replace the model's BatchedEmbeddingBags by FusedEmbeddingBags (in place).
 
     fbgemm's TBE needs dimensions that are multiples of 4; other tables (e.g. first-order weights of
@@ -68,6 +72,6 @@ def fuse_embeddings(model: nn.Module, opt: SparseOptConfig) -> nn.Module:
     for name, module in replace.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FusedEmbeddingBags(module, opt)) if not isinstance(parent, nn.ModuleDict) \
-            else parent.__setitem__(child, FusedEmbeddingBags(module, opt))
+        setattr(parent, child, FusedEmbeddingBags(module, opt, device)) if not isinstance(parent, nn.ModuleDict) \
+            else parent.__setitem__(child, FusedEmbeddingBags(module, opt, device))
     return model

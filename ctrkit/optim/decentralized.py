@@ -58,7 +58,7 @@ class RowGossip:
             state[prefix + "hat"] = table.detach().clone()   # replicas start identical, so
             state[prefix + "sum"] = table.detach().clone()   # s = sum_j W_ij x_hat_j = x_hat
             # int64 row ids; DecentralizedOptimizer.load_state_dict restores them uncast.
-            state[prefix + "dirty"] = torch.zeros(0, dtype=torch.int64)
+            state[prefix + "dirty"] = torch.zeros(0, dtype=torch.int64, device=table.device)
 
     def mark(self, rows: torch.Tensor) -> None:
         self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"], rows])
@@ -82,9 +82,14 @@ class RowGossip:
             traffic["embedding_index_bytes"] += (8 + id_bytes + (4 if rows.numel() == 0 else 0)) * len(got)
             traffic["embedding_payload_bytes"] += 4 * q.numel() * len(got)
         else:
-            packed, sent_rows, sent = self.compressor.roundtrip_rows(rows, q, n, _seed(step, rank, slot))
+            # The coders work on host memory (numpy bit packing); a GPU table's rows go through it.
+            dev = self.x.device
+            packed, sent_rows, sent = self.compressor.roundtrip_rows(rows.cpu(), q.cpu(), n,
+                                                                     _seed(step, rank, slot))
+            sent_rows, sent = sent_rows.to(dev), sent.to(dev)
             blobs = exchange.blobs(packed.data, "compressed rows")
-            got = {j: unpack_rows(b, self.compressor, d, n, _seed(step, j, slot))
+            got = {j: tuple(t.to(dev) for t in unpack_rows(b, self.compressor, d, n,
+                                                            _seed(step, j, slot)))
                    for j, b in blobs.items()}
             add_rows_(xhat, sent_rows, sent)
             traffic["embedding_index_bytes"] += (8 + packed.index_bytes) * len(got)
@@ -122,7 +127,8 @@ class DenseGossip:
     def step(self, flat: torch.Tensor, exchange: NeighborExchange, topo: Topology, rank: int,
              step: int, slot: int, traffic: Counter) -> torch.Tensor:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
-        packed, sent = self.compressor.roundtrip_dense(flat - xhat, _seed(step, rank, slot))
+        packed, sent = self.compressor.roundtrip_dense((flat - xhat).cpu(), _seed(step, rank, slot))
+        sent = sent.to(flat.device)   # (the coders work on host memory)
         blobs = exchange.blobs(packed.data, "compressed dense")
         k = len(blobs)
         traffic["exact_bytes"] += 4 * flat.numel() * k
@@ -131,7 +137,8 @@ class DenseGossip:
         xhat.add_(sent)
         s.add_(sent, alpha=topo.self_weight(rank))
         for j, w in topo.neighbor_weights(rank).items():
-            s.add_(unpack_dense(blobs[j], self.compressor, flat.numel(), _seed(step, j, slot)), alpha=w)
+            s.add_(unpack_dense(blobs[j], self.compressor, flat.numel(),
+                                _seed(step, j, slot)).to(flat.device), alpha=w)
         return flat + self.gamma * (s - xhat)
 
 
@@ -269,7 +276,7 @@ class DecentralizedOptimizer(Optimizer):
             if self.adaptive and "m" not in st:
                 st["m"] = torch.zeros_like(p)
                 for k in ("v", "vhat", "u"):
-                    st[k] = torch.zeros(p.shape[0], dv, dtype=p.dtype)
+                    st[k] = torch.zeros(p.shape[0], dv, dtype=p.dtype, device=p.device)
             xg = RowGossip(p.data, st, "x", self.compressor, self.gamma)
             ug, how = None, None
             if self.adaptive:
@@ -312,7 +319,7 @@ class DecentralizedOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for (i, k), v in ids.items():
-            self.state[params[i]][k] = v.to(torch.int64)
+            self.state[params[i]][k] = v.to(device=params[i].device, dtype=torch.int64)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -341,12 +348,13 @@ def average_dense_gradients(params: List[nn.Parameter], size: int, group=None) -
     """Average the parameters' gradients over `group` (`size` ranks; None: all) in one flat
     all_reduce; a missing gradient counts as zero. Returns bytes sent."""
     import torch.distributed as dist
+    from ctrkit.distributed.runtime import comm_device
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if not grads:
         return 0
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(comm_device())
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat.div_(size)
+    flat = flat.to(params[0].device).div_(size)
     off = 0
     for p, g in zip(params, grads):
         n = g.numel()
@@ -359,28 +367,30 @@ def average_gradients(model: nn.Module, world: int) -> int:
     """The `allreduce` reference: average dense gradients (all_reduce) and row-sparse table
     gradients (all_gather of row ids and rows, padded to the largest). Returns bytes sent."""
     import torch.distributed as dist
+    from ctrkit.distributed.runtime import comm_device
     sparse, dense = split_parameters(model)
     sent = average_dense_gradients(dense, world)
+    comm = comm_device()
     for p in sparse:
         if p.grad is None:
-            rows = torch.zeros(0, dtype=torch.int64)
-            vals = torch.zeros(0, p.shape[1])
+            rows = torch.zeros(0, dtype=torch.int64, device=comm)
+            vals = torch.zeros(0, p.shape[1], device=comm)
         else:
             rows, vals = rows_and_grads(p.grad)
-        n = torch.tensor([rows.numel()])
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        n = torch.tensor([rows.numel()], device=comm)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
         dist.all_gather(sizes, n)
         top = max(1, int(max(s.item() for s in sizes)))
-        pr = torch.full((top,), -1, dtype=torch.int64)
+        pr = torch.full((top,), -1, dtype=torch.int64, device=comm)
         pr[:rows.numel()] = rows
-        pv = torch.zeros(top, p.shape[1])
+        pv = torch.zeros(top, p.shape[1], device=comm)
         pv[:rows.numel()] = vals
         all_r = [torch.empty_like(pr) for _ in range(world)]
         all_v = [torch.empty_like(pv) for _ in range(world)]
         dist.all_gather(all_r, pr)
         dist.all_gather(all_v, pv)
         sent += top * (8 + 4 * p.shape[1])
-        r = torch.cat([a[:int(s)] for a, s in zip(all_r, sizes)])
-        v = torch.cat([a[:int(s)] for a, s in zip(all_v, sizes)]) / world
+        r = torch.cat([a[:int(s)] for a, s in zip(all_r, sizes)]).to(p.device)
+        v = torch.cat([a[:int(s)] for a, s in zip(all_v, sizes)]).to(p.device) / world
         p.grad = torch.sparse_coo_tensor(r.unsqueeze(0), v, p.shape, check_invariants=False).coalesce()
     return sent

@@ -77,9 +77,9 @@ class RowSparseAdam(_RowSparseOptimizer):
         d = p.shape[1]
         dv = 1 if group["rowwise"] else d
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.int64)
+            state["step"] = torch.zeros((), dtype=torch.int64)   # host: read as a Python int
             width = d + dv * (2 if group["amsgrad"] else 1)
-            state["moments"] = torch.zeros(p.shape[0], width, dtype=p.dtype)
+            state["moments"] = torch.zeros(p.shape[0], width, dtype=p.dtype, device=p.device)
         state["step"] += 1
         t = int(state["step"])
         mom = state["moments"].index_select(0, rows)
@@ -107,7 +107,7 @@ class RowSparseAdagrad(_RowSparseOptimizer):
     def _update(self, p, group, state, rows, g) -> None:
         if not state:
             shape = (p.shape[0], 1) if group["rowwise"] else p.shape
-            state["sum"] = torch.zeros(shape, dtype=p.dtype)
+            state["sum"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
         g2 = g.square()
         s = state["sum"].index_select(0, rows).add_(
             g2.mean(dim=1, keepdim=True) if group["rowwise"] else g2)

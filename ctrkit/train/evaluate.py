@@ -14,10 +14,11 @@ def predict(model: nn.Module, loader: BatchLoader) -> tuple:
     """(labels, probabilities) as numpy arrays, in loader order."""
     was_training = model.training
     model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device
     ys, ps = [], []
     try:
         for batch in loader:
-            ps.append(torch.sigmoid(model(batch)).double().numpy())
+            ps.append(torch.sigmoid(model(batch.to(device))).double().cpu().numpy())
             ys.append(batch.labels.numpy())
     finally:
         model.train(was_training)

@@ -61,12 +61,14 @@ def load_or_prepare(cfg: Config, progress: bool) -> Schema:
     return Schema.load(root)
 
 
-def build_training_model(cfg: Config, schema: Schema) -> nn.Module:
-    """The configured model, with fbgemm's fused TBE swapped in when `optimizer.sparse.fused`."""
+def build_training_model(cfg: Config, schema: Schema,
+                         device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The configured model on `device`, with fbgemm's fused TBE swapped in when
+    `optimizer.sparse.fused`."""
     model = build_model(cfg.model, schema)
     if cfg.optimizer.sparse.fused:
-        fuse_embeddings(model, cfg.optimizer.sparse)
-    return model
+        fuse_embeddings(model, cfg.optimizer.sparse, device)
+    return model.to(device)
 
 
 def _prepare_run_dir(cfg: Config) -> Path:
@@ -96,14 +98,20 @@ class Trainer:
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         random.seed(tc.seed)
-        self.model = build_training_model(cfg, schema)
+        self.device = env.device
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(tc.seed)
+        self.model = build_training_model(cfg, schema, self.device)
         self.grid = None
         if env.active and dc.shard_group_size > 1:
             from ctrkit.distributed.sharding import make_grid, shard_model
             backend = dist.get_backend()
+            if self.device.type == "cuda" and backend != "nccl":
+                raise CtrkitError("sharded tables on GPUs need the NCCL backend (one GPU per "
+                                  "rank); gloo shards tables of CPU ranks only")
             self.grid = make_grid(env.rank, env.world, dc.shard_group_size,
                                   "cuda" if backend == "nccl" else "cpu")
-            plans = shard_model(self.model, self.grid, backend)
+            plans = shard_model(self.model, self.grid, backend, self.device)
             if env.is_main:
                 print(f"ctrkit: {self.grid.groups} shard groups of {self.grid.k} ranks; rank g*k+p "
                       "gossips with rank h*k+p of neighbouring groups h\n" + "\n".join(plans),
@@ -167,10 +175,12 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(
             o, mode=mode, factor=pl.factor, patience=pl.patience, min_lr=pl.min_lr)
             for o in self.optimizers] if pl.enabled else []
+        pin = self.device.type == "cuda"
         self.train_loader = BatchLoader(schema, "train", tc.batch_size, shuffle=tc.shuffle,
                                         seed=tc.seed, prefetch=tc.prefetch, rank=env.rank,
-                                        world_size=env.world)
-        self.eval_loaders = {s: BatchLoader(schema, s, tc.eval_batch_size, prefetch=tc.prefetch)
+                                        world_size=env.world, pin_memory=pin)
+        self.eval_loaders = {s: BatchLoader(schema, s, tc.eval_batch_size, prefetch=tc.prefetch,
+                                            pin_memory=pin)
                              for s in ("valid", "test") if s in schema.splits}
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.best: Optional[float] = None
@@ -253,7 +263,9 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
 
     # ------------------------------------------------------------------ loop
-    def train_step(self, batch) -> float:
+    def train_step(self, batch) -> torch.Tensor:
+        """One step; returns the loss as a tensor (reading it would wait for the GPU)."""
+        batch = batch.to(self.device)
         logits = self.model(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         loss.backward()
@@ -267,7 +279,7 @@ class Trainer:
             o.step()
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     def _lr(self) -> float:
         return float(self.optimizers[0].param_groups[0]["lr"]) if self.optimizers else 0.0
@@ -349,7 +361,8 @@ class Trainer:
             avg = self._evaluate_split("valid")
             self.model.load_state_dict(mine)
             vals = [avg["auc"], avg["logloss"]]
-        t = torch.tensor(vals, dtype=torch.float64)
+        from ctrkit.distributed.runtime import comm_device
+        t = torch.tensor(vals, dtype=torch.float64, device=comm_device())
         dist.broadcast(t, src=0)
         steps = max(self.step, 1)
         self.last_eval = {"auc_spread": max(aucs) - min(aucs), "auc_min": min(aucs),
@@ -392,12 +405,13 @@ class Trainer:
                 loss_sum, loss_n = loss_sum + loss, loss_n + 1
                 bar.update(1)
                 if self.step % tc.log_every == 0:
+                    mean_loss = float(loss_sum) / loss_n   # (waits for the device's queue)
                     now = time.perf_counter()
                     sps = (self.samples - n_last) / max(now - t_last, 1e-9)
                     logger.log({"step": self.step, "epoch": self.epoch, "samples": self.samples,
-                                "split": "train", "loss": loss_sum / loss_n, "lr": self._lr(),
+                                "split": "train", "loss": mean_loss, "lr": self._lr(),
                                 "samples_per_s": sps, "wall_s": self.train_seconds + now - t_epoch})
-                    bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", sps=f"{sps:,.0f}")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:,.0f}")
                     t_last, n_last, loss_sum, loss_n = now, self.samples, 0.0, 0
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     evaluated_at = self.step
@@ -410,6 +424,8 @@ class Trainer:
                 if stop:
                     break
             bar.close()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)   # the epoch's time includes its queued work
             self.train_seconds += time.perf_counter() - t_epoch
             if self.batch_in_epoch >= steps_per_epoch:
                 self.epoch += 1
@@ -561,6 +577,9 @@ def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
 def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     """Evaluate a checkpoint (default: the run's best, else last) on valid and test."""
     set_threads(cfg.train.threads)
+    from ctrkit.train.device import resolve_device, use_device
+    device = resolve_device(cfg.train.device)
+    use_device(device)
     schema = load_or_prepare(cfg, cfg.train.progress)
     run_dir = Path(cfg.train.run_dir)
     path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / BEST
@@ -569,7 +588,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
             path = run_dir / "checkpoints" / fallback
     if not (path.is_file() or (path / ".metadata").is_file()):
         raise CtrkitError(f"{path}: checkpoint not found")
-    model = build_training_model(cfg, schema)
+    model = build_training_model(cfg, schema, device)
     try:
         if path.is_dir():   # a sharded run's torch.distributed.checkpoint, loaded whole
             from ctrkit.distributed.sharding import load_model
@@ -583,7 +602,8 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     for split in ("valid", "test"):
         if split in schema.splits:
             out[split] = evaluate_split(model, BatchLoader(schema, split, cfg.train.eval_batch_size,
-                                                           prefetch=cfg.train.prefetch))
+                                                           prefetch=cfg.train.prefetch,
+                                                           pin_memory=device.type == "cuda"))
     run_dir.mkdir(parents=True, exist_ok=True)
     path_json = run_dir / "metrics.json"
     merged = {}
