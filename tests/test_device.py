@@ -154,7 +154,7 @@ def test_gpu_training_matches_cpu_and_resumes(raw, tmp_path):
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
     # a GPU checkpoint evaluates on the CPU to the same numbers
-    again = evaluate(_cfg(raw, tmp_path, "gpu", "train.device=cpu"))
+    again = evaluate(_cfg(raw, tmp_path, "gpu", "train.device=cpu", "model.dropout=0.2"))
     assert abs(again["valid"]["auc"] - gpu["valid"]["auc"]) < 1e-4
 
 
@@ -191,3 +191,10 @@ def test_fused_tables_on_gpu(raw, tmp_path):
     m = train(_cfg(raw, tmp_path, "run", "train.device=cuda", "optimizer.sparse.name=rowwise_adagrad",
                    "optimizer.sparse.fused=true", "optimizer.sparse.lr=0.05")).metrics
     assert m["valid"]["auc"] > 0.6
+
+
+def test_checkpoint_of_another_model_names_the_keys(raw, tmp_path):
+    from ctrkit.train.trainer import evaluate, train
+    train(_cfg(raw, tmp_path, "run", "train.device=cpu", "train.max_steps=2"))
+    with pytest.raises(CtrkitError, match=r"does not match model 'deepfm' \(Missing key\(s\)"):
+        evaluate(_cfg(raw, tmp_path, "run", "train.device=cpu", "model.hidden_units=[32,8]"))

@@ -71,6 +71,15 @@ def build_training_model(cfg: Config, schema: Schema,
     return model.to(device)
 
 
+def _mismatch(e: RuntimeError, limit: int = 300) -> str:
+    """The useful line of load_state_dict's error (its first line only says that there are errors):
+    which keys are missing or unexpected, or which sizes differ."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else \
+        (lines[0] if lines else type(e).__name__)
+    return detail if len(detail) <= limit else detail[:limit] + " ..."
+
+
 def _prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.train.run_dir)
     if cfg.train.resume:
@@ -208,7 +217,7 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(path)["model"])
         except (RuntimeError, KeyError) as e:
             raise CtrkitError(f"train.init_from: {path} does not match model "
-                              f"'{self.cfg.model.name}' ({str(e).splitlines()[0]})") from None
+                              f"'{self.cfg.model.name}' ({_mismatch(e)})") from None
 
     @property
     def bytes_sent(self) -> int:
@@ -597,7 +606,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
             model.load_state_dict(load_checkpoint(path)["model"])
     except RuntimeError as e:
         raise CtrkitError(f"{path}: does not match model '{cfg.model.name}' "
-                          f"({str(e).splitlines()[0]})") from None
+                          f"({_mismatch(e)})") from None
     out: Dict[str, object] = {"checkpoint": str(path), "model": cfg.model.name}
     for split in ("valid", "test"):
         if split in schema.splits:
