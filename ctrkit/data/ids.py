@@ -46,10 +46,13 @@ def distinct_ids(values: Union[torch.Tensor, np.ndarray]) -> DistinctIds:
 
 
 def _distinct_ids_torch(values: torch.Tensor) -> DistinctIds:
-    """`distinct_ids` with torch ops, on the tensor's own device."""
+    """`distinct_ids` with torch ops, on the tensor's own device (one stable sort)."""
     v = values.to(torch.int64)
-    keys, inverse, counts = torch.unique(v, sorted=True, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
+    sorted_v, order = torch.sort(v, stable=True)
+    keys, inv_sorted, counts = torch.unique_consecutive(sorted_v, return_inverse=True,
+                                                        return_counts=True)
+    inverse = torch.empty_like(inv_sorted)
+    inverse[order] = inv_sorted
     offsets = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=v.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return DistinctIds(keys, inverse, order, offsets)

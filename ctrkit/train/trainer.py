@@ -184,10 +184,13 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(
             o, mode=mode, factor=pl.factor, patience=pl.patience, min_lr=pl.min_lr)
             for o in self.optimizers] if pl.enabled else []
+        # For a GPU the loader pins batches and leaves the distinct-id sort to the GPU (one numpy
+        # sort per batch in the loader thread would be the step's bottleneck there).
         pin = self.device.type == "cuda"
         self.train_loader = BatchLoader(schema, "train", tc.batch_size, shuffle=tc.shuffle,
                                         seed=tc.seed, prefetch=tc.prefetch, rank=env.rank,
-                                        world_size=env.world, pin_memory=pin)
+                                        world_size=env.world, pin_memory=pin,
+                                        precompute_unique=not pin)
         self.eval_loaders = {s: BatchLoader(schema, s, tc.eval_batch_size, prefetch=tc.prefetch,
                                             pin_memory=pin)
                              for s in ("valid", "test") if s in schema.splits}
