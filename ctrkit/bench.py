@@ -72,12 +72,11 @@ def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None,
     if total_rows is None:
         s = schema
         loader = BatchLoader(schema, "train", bs, shuffle=True, seed=0, drop_last=True, prefetch=4,
-                             pin_memory=pin, precompute_unique=not pin)
+                             pin_memory=pin)
     else:
         s = _schema_with_rows(schema, total_rows)
         loader = _FoldedLoader(schema, "train", bs, shuffle=True, seed=0, drop_last=True,
-                               prefetch=4, rows_per_table=s.sparse[0].vocab_size, pin_memory=pin,
-                               precompute_unique=not pin)
+                               prefetch=4, rows_per_table=s.sparse[0].vocab_size, pin_memory=pin)
     torch.manual_seed(0)
     model = build_model(cfg.model, s).to(device)
     opts = build_optimizers(model, cfg.optimizer)

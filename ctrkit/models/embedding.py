@@ -150,8 +150,7 @@ def _one_id_per_bag(kjt: KeyedJaggedTensor, n_bags: int) -> bool:
 
 class _GatherRows(torch.autograd.Function):
     """rows[inverse] with a segment-sum backward: each distinct row's gradient is one bag of an
-    `embedding_bag` over the positions that used it (~4x faster on CPU than index_add; on a GPU
-    index_add is the faster one)."""
+    `embedding_bag` over the positions that used it (~4x faster on CPU than index_add)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, ids: DistinctIds) -> torch.Tensor:  # type: ignore[override]
@@ -162,12 +161,11 @@ class _GatherRows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         ids = ctx.ids
-        flat = grad.reshape(ids.order.numel(), -1)
-        if flat.is_cuda and not torch.are_deterministic_algorithms_enabled():
-            # On a GPU an atomic scatter-add is one cheap kernel; embedding_bag's segment sum
-            # took 0.46 ms per call on an H100 (half the GPU time of a DeepFM step).
-            return flat.new_zeros(ids.keys.numel(), flat.shape[1]).index_add_(0, ids.inverse, flat), None
-        g = F.embedding_bag(ids.order, flat, ids.offsets, mode="sum", include_last_offset=True)
+        # (On an H100 this kernel took 0.46 ms per call, half of the step's GPU time, but the
+        # step there is bound by kernel launches on the host: an index_add_ backward did not
+        # make it faster in the runs of 2026-11-26.)
+        g = F.embedding_bag(ids.order, grad.reshape(ids.order.numel(), -1), ids.offsets,
+                            mode="sum", include_last_offset=True)
         return g, None
 
 

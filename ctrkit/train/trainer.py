@@ -184,13 +184,13 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(
             o, mode=mode, factor=pl.factor, patience=pl.patience, min_lr=pl.min_lr)
             for o in self.optimizers] if pl.enabled else []
-        # For a GPU the loader pins batches and leaves the distinct-id sort to the GPU (one numpy
-        # sort per batch in the loader thread would be the step's bottleneck there).
+        # For a GPU the loader pins batches. It still finds the distinct ids on the host: on the
+        # GPU their count is a data-dependent size, i.e. a host sync per step (measured on an H100:
+        # 4.4 ms per step with the sort on the GPU, 4.0 ms with it in the loader thread).
         pin = self.device.type == "cuda"
         self.train_loader = BatchLoader(schema, "train", tc.batch_size, shuffle=tc.shuffle,
                                         seed=tc.seed, prefetch=tc.prefetch, rank=env.rank,
-                                        world_size=env.world, pin_memory=pin,
-                                        precompute_unique=not pin)
+                                        world_size=env.world, pin_memory=pin)
         self.eval_loaders = {s: BatchLoader(schema, s, tc.eval_batch_size, prefetch=tc.prefetch,
                                             pin_memory=pin)
                              for s in ("valid", "test") if s in schema.splits}
