@@ -36,7 +36,8 @@ def make_cfg(tmp_path):
         import yaml
         tree = {"data": {"prepared_dir": str(tmp_path / "prepared"), **data},
                 "train": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False,
-                          "plot": False, "threads": 1, **sections.pop("train", {})}}
+                          "plot": False, "threads": 1, "device": "cpu",
+                          **sections.pop("train", {})}}
         tree.update(sections)
         p = tmp_path / "cfg.yaml"
         p.write_text(yaml.safe_dump(tree))

@@ -35,6 +35,11 @@ def test_gpu_per_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("auto") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)   # a named GPU for every rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")   # more ranks than GPUs: auto means the CPU
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(CtrkitError, match="local rank 2 has no GPU of its own: this node has 2"):
         resolve_device("cuda")
@@ -49,6 +54,9 @@ def test_backend_follows_device(monkeypatch):
     assert resolve_backend("auto", gpu, "cuda") == "nccl"
     assert resolve_backend("auto", gpu, "cuda:0") == "gloo"   # ranks share one GPU
     assert resolve_backend("gloo", gpu, "cuda") == "gloo"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")   # one rank per node on its named GPU
+    assert resolve_backend("auto", gpu, "cuda:0") == "nccl"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(CtrkitError, match="backend=nccl needs train.device=cuda"):
         resolve_backend("nccl", cpu, "cpu")
     with pytest.raises(CtrkitError, match="NCCL needs one GPU per rank"):
@@ -167,6 +175,7 @@ def test_two_ranks_share_one_gpu_over_gloo(raw, tmp_path, algorithm):
     _cli("train", "configs/demo.yaml", *_args(raw, tmp_path, "cpu", *common, "train.device=cpu"))
     g = json.loads((tmp_path / "gpu" / "metrics.json").read_text())
     c = json.loads((tmp_path / "cpu" / "metrics.json").read_text())
+    assert (g["device"], g["backend"], c["device"], c["backend"]) == ("cuda:0", "gloo", "cpu", "gloo")
     assert g["workers"] == 2 and g["valid"]["auc"] > 0.55
     assert abs(g["valid"]["auc"] - c["valid"]["auc"]) < 0.01
     assert g["bytes_per_worker_step"] == pytest.approx(c["bytes_per_worker_step"], rel=0.05)
@@ -174,12 +183,15 @@ def test_two_ranks_share_one_gpu_over_gloo(raw, tmp_path, algorithm):
 
 @cuda
 def test_torchrun_rank_takes_its_local_gpu_with_nccl(raw, tmp_path):
+    """One rank (a one-GPU machine cannot hold two NCCL ranks): device and backend chosen under
+    torchrun; NCCL traffic between GPUs is not exercised here."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "1", "-m", "ctrkit", "train", "configs/demo.yaml",
                         *_args(raw, tmp_path, "run", "train.device=auto"), "--quiet"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["valid"]["auc"] > 0.55
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["device"], m["backend"]) == ("cuda:0", "nccl") and m["valid"]["auc"] > 0.55
 
 
 @cuda

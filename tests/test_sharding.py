@@ -158,7 +158,8 @@ def test_train_cli_2x2_sharded_run_and_single_process_eval(tmp_path):
             f"data.test={raw / 'test.tsv'}", f"data.prepared_dir={tmp_path / 'prep'}",
             f"train.run_dir={tmp_path / 'run'}", "model.hidden_units=[16]", "model.embedding_dim=4",
             "train.batch_size=128", "train.eval_every=4", "train.max_steps=8",
-            "train.tensorboard=false", "train.plot=false", "distributed.timeout_s=60"]
+            "train.tensorboard=false", "train.plot=false", "distributed.timeout_s=60",
+            "train.device=cpu"]
     sharded = [*args, "distributed.workers=4", "distributed.shard_group_size=2",
                "distributed.algorithm=choco", "train.checkpoint_every=4"]
     r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *sharded, "train.max_steps=4",

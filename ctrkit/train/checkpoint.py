@@ -18,11 +18,13 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], cuda: bool = False) -> None:
+    """Restore the generators; the GPU's only for a run on the GPU (`cuda`), so that a CPU run
+    resumed from a GPU checkpoint never opens a CUDA context."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
+    if cuda and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
 
 

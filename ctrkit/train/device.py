@@ -23,8 +23,14 @@ def _local_rank() -> Optional[int]:
 def resolve_device(setting: str) -> torch.device:
     """The device of this process for `train.device` (auto, cpu, cuda or cuda:N).
 
-    Under torchrun, `auto` and `cuda` give rank r of a node the GPU numbered by its local rank."""
+    Under torchrun, `auto` and `cuda` give rank r of a node the GPU numbered by its local rank;
+    `auto` falls back to the CPU when the node has fewer GPUs than ranks."""
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if _local_rank() is not None else 1
+    if setting == "auto" and per_node > torch.cuda.device_count():
+        # not a GPU for every rank of this node: all of them compute on the CPU (the same answer
+        # on every rank, so they agree on the backend too)
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise CtrkitError(f"train.device={setting}: torch sees no GPU (torch {torch.__version__}, "

@@ -110,17 +110,21 @@ class Trainer:
         self.device = env.device
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(tc.seed)
-        self.model = build_training_model(cfg, schema, self.device)
+        sharded = env.active and dc.shard_group_size > 1
+        # A model whose tables get sharded is built on the host: only its shards go to the GPU.
+        self.model = build_training_model(cfg, schema,
+                                          torch.device("cpu") if sharded else self.device)
         self.grid = None
-        if env.active and dc.shard_group_size > 1:
+        if sharded:
             from ctrkit.distributed.sharding import make_grid, shard_model
             backend = dist.get_backend()
-            if self.device.type == "cuda" and backend != "nccl":
-                raise CtrkitError("sharded tables on GPUs need the NCCL backend (one GPU per "
-                                  "rank); gloo shards tables of CPU ranks only")
+            if self.device.type == "cuda" and (backend != "nccl" or tc.device.startswith("cuda:")):
+                raise CtrkitError("sharded tables on GPUs need one GPU per rank with NCCL "
+                                  f"(train.device=cuda or auto, not {tc.device} with {backend})")
             self.grid = make_grid(env.rank, env.world, dc.shard_group_size,
                                   "cuda" if backend == "nccl" else "cpu")
             plans = shard_model(self.model, self.grid, backend, self.device)
+            self.model.to(self.device)
             if env.is_main:
                 print(f"ctrkit: {self.grid.groups} shard groups of {self.grid.k} ranks; rank g*k+p "
                       "gossips with rank h*k+p of neighbouring groups h\n" + "\n".join(plans),
@@ -259,7 +263,7 @@ class Trainer:
         for k in ("step", "epoch", "batch_in_epoch", "samples", "best", "best_step", "bad_evals",
                   "stopped_early", "train_seconds"):
             setattr(self, k, st[k])
-        set_rng_state(st["rng"])
+        set_rng_state(st["rng"], cuda=self.device.type == "cuda")
         self.comm_bytes = st.get("bytes_sent", 0)
         if self.optimizers and hasattr(self.optimizers[0], "traffic"):
             self.optimizers[0].traffic.update(st.get("traffic", {}))
@@ -476,6 +480,8 @@ class Trainer:
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
                        bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
+        out.update(device=str(self.device),
+                   backend=dist.get_backend() if dist.is_initialized() else None)
         out.update(lr_scale={"dense": self.lr_scale[0], "tables": self.lr_scale[1]},
                    samples=self.samples * self.env.world, steps=self.step, epochs=self.epoch,
                    best_step=self.best_step, stopped_early=self.stopped_early,
