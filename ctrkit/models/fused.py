@@ -46,6 +46,11 @@ class FusedEmbeddingBags(nn.Module):
         with torch.no_grad():
             for i, w in enumerate(self.tbe.split_embedding_weights()):
                 w.copy_(source.table_weight(i))
+        # fbgemm keeps weights and optimizer state in buffers named by where the tables live
+        # (weights_host on the CPU, weights_dev on a GPU): the state dict holds them per table
+        # instead, so a checkpoint loads on either device.
+        self._register_state_dict_hook(_per_table_state)
+        self.register_load_state_dict_pre_hook(_load_per_table_state)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         kjt = self._select(kjt)
@@ -57,6 +62,37 @@ class FusedEmbeddingBags(nn.Module):
 
     def table_weight(self, i: int) -> torch.Tensor:
         return self.tbe.split_embedding_weights()[i]
+
+
+def _per_table_state(module: "FusedEmbeddingBags", state: dict, prefix: str, _meta) -> None:
+    """state_dict hook: `weight.<table>` [rows, dim] and `optimizer.<table>.<j>` instead of
+    fbgemm's placement-specific flat buffers."""
+    for k in [k for k in state if k.startswith(prefix + "tbe.")]:
+        del state[k]
+    opt = module.tbe.split_optimizer_states()
+    for i, (t, w) in enumerate(zip(module.tables, module.tbe.split_embedding_weights())):
+        state[f"{prefix}weight.{t.name}"] = w.detach()
+        for j, s in enumerate(opt[i]):
+            state[f"{prefix}optimizer.{t.name}.{j}"] = s.detach()
+
+
+def _load_per_table_state(module: "FusedEmbeddingBags", state: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: copy the per-table entries into fbgemm's buffers on whatever
+    device they live, then hand the child its own buffers (a no-op load for it)."""
+    if not any(k.startswith(prefix + "weight.") for k in state):
+        return   # fbgemm's own layout (older checkpoints): the child loads it
+    opt = module.tbe.split_optimizer_states()
+    with torch.no_grad():
+        for i, (t, w) in enumerate(zip(module.tables, module.tbe.split_embedding_weights())):
+            key = f"{prefix}weight.{t.name}"
+            if key in state:
+                w.copy_(state.pop(key))
+            for j, s in enumerate(opt[i]):
+                key = f"{prefix}optimizer.{t.name}.{j}"
+                if key in state:
+                    s.copy_(state.pop(key).view_as(s))
+    for k, v in module.tbe.state_dict().items():
+        state[f"{prefix}tbe.{k}"] = v
 
 
 def fuse_embeddings(model: nn.Module, opt: SparseOptConfig,
