@@ -63,6 +63,17 @@ class BatchedEmbeddingBags(nn.Module):
             if missing:
                 raise KeyError(f"features {missing} are not in the batch (has {list(keys)})")
             perm = self._perm_cache[keys] = [index[f] for f in self.feature_names]
+        if kjt.__dict__.get("_ctrkit_one_per_bag"):
+            # One id per bag: the selected features are rows of a [F, B] view; no per-key lengths
+            # to read back (a host sync on a GPU) and no fbgemm permute kernel.
+            b = kjt.stride()
+            idx = torch.tensor(perm, device=kjt.values().device)
+            out = KeyedJaggedTensor(
+                keys=self.feature_names, stride=b,
+                values=kjt.values().view(len(keys), b).index_select(0, idx).reshape(-1),
+                lengths=kjt.lengths().view(len(keys), b).index_select(0, idx).reshape(-1))
+            out.__dict__["_ctrkit_one_per_bag"] = True
+            return out
         return kjt.permute(perm)
 
     def flat_indices(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
