@@ -139,6 +139,9 @@ class DistributedConfig(_Strict):
     timeout_s: float = Field(default=300.0, gt=0)   # a dead or hung peer ends the run after this
     eps: float = Field(default=1e-8, gt=0)       # damsgrad: step uses m / sqrt(max(u, eps))
     rowwise_tracker: bool = False                # damsgrad: one second moment per embedding row
+    # damsgrad/choco: Adam's bias correction (step x sqrt(1 - b2^t) / (1 - b1^t), t the global
+    # step), as torch's Adam(amsgrad=True) has; DESIGN.md's equations have none.
+    bias_correction: bool = False
     max_restarts: int = Field(default=0, ge=0)   # torchrun restarts (resume from the last checkpoint)
     # Learning rates x n^0 / n^0.5 / n for n workers; auto: sqrt for allreduce with Adam-type
     # optimizers (square-root rule), linear for allreduce with SGD and for dpsgd/damsgrad.

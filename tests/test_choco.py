@@ -177,3 +177,24 @@ def test_exact_tracker_travels_only_every_k_steps():
     for sent in _spawn(_exact_tracker_every, 2):
         quiet = [sent[i] for i in (0, 1, 3, 4)]
         assert min(sent[2], sent[5]) > max(quiet), sent
+
+
+def test_bias_correction_scales_the_first_step():
+    """distributed.bias_correction: the step is lr * sqrt(1 - b2^t) / (1 - b1^t) x the uncorrected
+    one (one worker, so no gossip changes the comparison)."""
+    from ctrkit.comm.topology import build_topology
+    from torch.nn import functional as F
+    moves = []
+    for bc in (False, True):
+        torch.manual_seed(0)
+        model = Tiny()
+        before = model.lin.weight.detach().clone()
+        opt = DecentralizedOptimizer(model, "damsgrad", build_topology("ring", 1), 0,
+                                     NeighborExchange(0, []), dense_lr=0.01, sparse_lr=0.01,
+                                     bias_correction=bc)
+        kjt, y = _batch(torch.Generator().manual_seed(1))
+        F.binary_cross_entropy_with_logits(model(kjt), y).backward()
+        opt.step()
+        moves.append(model.lin.weight.detach() - before)
+    b1, b2 = 0.9, 0.999
+    assert torch.allclose(moves[1], moves[0] * (1 - b2) ** 0.5 / (1 - b1), rtol=1e-4)

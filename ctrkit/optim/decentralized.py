@@ -170,13 +170,14 @@ class DecentralizedOptimizer(Optimizer):
     def __init__(self, model: nn.Module, algorithm: str, topo: Topology, rank: int,
                  exchange: NeighborExchange, dense_lr: float, sparse_lr: float,
                  betas=(0.9, 0.999), eps: float = 1e-8, rowwise: bool = False,
-                 compressor: Optional[Compressor] = None,
+                 bias_correction: bool = False, compressor: Optional[Compressor] = None,
                  dense_compressor: Optional[Compressor] = None, gamma: float = 1.0,
                  tracker: str = "compressed", tracker_every: int = 1) -> None:
         sparse, dense = split_parameters(model)
         groups = [g for g in ({"params": dense, "lr": dense_lr, "sparse": False},
                               {"params": sparse, "lr": sparse_lr, "sparse": True}) if g["params"]]
-        super().__init__(groups, dict(betas=tuple(betas), eps=eps, rowwise=rowwise))
+        super().__init__(groups, dict(betas=tuple(betas), eps=eps, rowwise=rowwise,
+                                      bias_correction=bias_correction))
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown decentralized algorithm {algorithm}")
         if algorithm == "choco" and compressor is None:
@@ -202,6 +203,14 @@ class DecentralizedOptimizer(Optimizer):
         if compressor is None or (t + 1) % self.tracker_every == 0:
             return "exact"
         return None
+
+    @staticmethod
+    def _step_size(group: dict, t: int) -> float:
+        """lr, times Adam's bias correction at global step t + 1 when asked for."""
+        if not group.get("bias_correction"):
+            return group["lr"]
+        b1, b2 = group["betas"]
+        return group["lr"] * (1 - b2 ** (t + 1)) ** 0.5 / (1 - b1 ** (t + 1))
 
     # ------------------------------------------------------------------ dense part
     def _dense_state(self, p: torch.Tensor) -> dict:
@@ -264,7 +273,8 @@ class DecentralizedOptimizer(Optimizer):
             off += n
             st["u"].add_(vn - st["vhat"])
             st["vhat"].copy_(vn)
-            p.data.addcdiv_(st["m"], st["u"].clamp(min=group["eps"]).sqrt(), value=-group["lr"])
+            p.data.addcdiv_(st["m"], st["u"].clamp(min=group["eps"]).sqrt(),
+                            value=-self._step_size(group, t))
 
     # ------------------------------------------------------------------ tables
     def _table_step(self, group: dict, t: int) -> None:
@@ -307,7 +317,7 @@ class DecentralizedOptimizer(Optimizer):
                 add_rows_(st["u"], rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)
                 u = st["u"].index_select(0, rows).clamp(min=group["eps"]).sqrt()
-                add_rows_(p.data, rows, m / u, alpha=-group["lr"])
+                add_rows_(p.data, rows, m / u, alpha=-self._step_size(group, t))
                 xg.mark(rows)
                 ug.mark(rows)
 

@@ -173,7 +173,8 @@ class Trainer:
             self.optimizers = [DecentralizedOptimizer(
                 self.model, self.algorithm, gossip, env.rank, self.exchange,
                 dense_lr=cfg.optimizer.dense.lr, sparse_lr=so.lr, betas=tuple(so.betas),
-                eps=dc.eps, rowwise=dc.rowwise_tracker, **choco_options(cfg, self.model))]
+                eps=dc.eps, rowwise=dc.rowwise_tracker, bias_correction=dc.bias_correction,
+                **choco_options(cfg, self.model))]
             if self.algorithm == "choco" and env.is_main:
                 mb = self.optimizers[0].public_copy_bytes() / 2 ** 20
                 print(f"ctrkit: choco with {dc.compressor} (dense {dc.dense_compressor or dc.compressor}), "
