@@ -2,8 +2,9 @@
 
 Dense tensors travel as one flat buffer per neighbour. Row-sparse messages (row ids + row values)
 are packed into one float buffer per neighbour (ids as int32 bits when they fit, else int64 bits),
-preceded by a one-number size message. Every byte handed to `isend` is counted. Messages travel from `comm_device()` (the GPU under NCCL,
-else host memory) and come back on the device of the tensors handed in.
+preceded by a one-number size message. Every byte handed to `isend` is counted. Messages travel
+from `comm_device()` (the GPU under NCCL, else host memory) and come back on the device of the
+tensors handed in.
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ class BatchedEmbeddingBags(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim))
         nn.init.normal_(self.weight, 0.0, init_std)
         self._perm_cache: Dict[tuple, List[int]] = {}
+        self._perm_index: Dict[tuple, torch.Tensor] = {}   # (keys, device) -> perm as a tensor
 
     def _select(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = tuple(kjt.keys())
@@ -66,8 +67,10 @@ class BatchedEmbeddingBags(nn.Module):
         if kjt.__dict__.get("_ctrkit_one_per_bag"):
             # One id per bag: the selected features are rows of a [F, B] view; no per-key lengths
             # to read back (a host sync on a GPU) and no fbgemm permute kernel.
-            b = kjt.stride()
-            idx = torch.tensor(perm, device=kjt.values().device)
+            b, dev = kjt.stride(), kjt.values().device
+            idx = self._perm_index.get((keys, dev))
+            if idx is None:   # made once: a copy from pageable host memory waits for the GPU
+                idx = self._perm_index[(keys, dev)] = torch.tensor(perm, device=dev)
             out = KeyedJaggedTensor(
                 keys=self.feature_names, stride=b,
                 values=kjt.values().view(len(keys), b).index_select(0, idx).reshape(-1),

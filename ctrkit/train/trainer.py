@@ -107,9 +107,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         random.seed(tc.seed)
-        self.device = env.device
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed_all(tc.seed)
+        self.device = env.device   # (torch.manual_seed above seeds the GPUs too)
         sharded = env.active and dc.shard_group_size > 1
         # A model whose tables get sharded is built on the host: only its shards go to the GPU.
         self.model = build_training_model(cfg, schema,
