@@ -137,14 +137,16 @@ class DistributedConfig(_Strict):
     edges: Optional[List[List[int]]] = None     # topology: edges
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(default=300.0, gt=0)   # a dead or hung peer ends the run after this
-    eps: float = Field(default=1e-8, gt=0)       # damsgrad: step uses m / sqrt(max(u, eps))
+    # damsgrad/choco: step m / sqrt(max(u, eps)); 1e-16 floors the denominator at 1e-8, as
+    # Adam's eps does (1e-8 floored it at 1e-4, above most embedding rows' sqrt(u)).
+    eps: float = Field(default=1e-16, gt=0)
     rowwise_tracker: bool = False                # damsgrad: one second moment per embedding row
     # damsgrad/choco: Adam's bias correction (step x sqrt(1 - b2^t) / (1 - b1^t), t the global
     # step), as torch's Adam(amsgrad=True) has; DESIGN.md's equations have none.
     bias_correction: bool = False
     max_restarts: int = Field(default=0, ge=0)   # torchrun restarts (resume from the last checkpoint)
-    # Learning rates x n^0 / n^0.5 / n for n workers; auto: sqrt for allreduce with Adam-type
-    # optimizers (square-root rule), linear for allreduce with SGD and for dpsgd/damsgrad.
+    # Learning rates x n^0 / n^0.5 / n for n workers; auto: sqrt for Adam-type allreduce, linear
+    # for SGD, min(sqrt(n), 2) for Adam-type damsgrad/choco (optim/build.py: worker_lr_scale).
     lr_scaling: Literal["none", "sqrt", "linear", "auto"] = "none"
     # choco: C(x - x_hat) goes to the neighbours (see ctrkit/comm/compress.py for the specs),
     # x += gamma (s - x_hat); the tracker u is compressed too, or sent exactly every k steps.

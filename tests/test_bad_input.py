@@ -141,3 +141,12 @@ def test_avazu_wrong_column_count(capsys, tmp_path):
     code, err = _run(capsys, "prepare", "data.format=avazu_csv", f"data.train={p}",
                      f"data.prepared_dir={tmp_path / 'out'}", "--quiet")
     assert code == 2 and f"{p}:4: expected 24 columns, got 25" in err
+
+
+def test_diverged_training_is_one_line(capsys, tmp_path):
+    code, err = _run(capsys, "train", f"data.train={LAPIS_CRITEO / 'dev.csv'}",
+                     f"data.prepared_dir={tmp_path / 'p'}", f"train.run_dir={tmp_path / 'r'}",
+                     "optimizer.dense.lr=1e30", "optimizer.sparse.lr=1e30", "train.log_every=1",
+                     "train.batch_size=256", "train.device=cpu", "--quiet")
+    assert code == 2 and "training diverged" in err and "lower the learning rate" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1

@@ -198,3 +198,22 @@ def test_bias_correction_scales_the_first_step():
         moves.append(model.lin.weight.detach() - before)
     b1, b2 = 0.9, 0.999
     assert torch.allclose(moves[1], moves[0] * (1 - b2) ** 0.5 / (1 - b1), rtol=1e-4)
+
+
+def _lossy_tracker(rank, world, port, out):
+    _init(rank, world, port)
+    try:
+        model, opt, snaps = _train(rank, world, "choco", 40, compressor=build_compressor("topk:0.1+sign"),
+                                   dense_compressor=build_compressor("topk:0.1+sign"), gamma=0.5,
+                                   eps=1e-16)
+        out[rank] = (opt.tracker_bound, max(float(p.abs().max()) for p in snaps[-1]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lossy_tracker_is_bounded_below_by_vhat_over_n():
+    """A top-10 % + sign tracker drifts far below zero on some rows (u / vhat down to -40 here);
+    without the bound u >= vhat / n those rows divide by sqrt(eps) = 1e-8 and reach |x| ~ 1e6."""
+    for bound, biggest in _spawn(_lossy_tracker, 4):
+        assert bound == 0.25
+        assert biggest < 5.0, biggest      # init std 0.1, 40 steps of lr 0.01

@@ -12,8 +12,9 @@ from ctrkit.optim.build import worker_lr_scale
     ("auto", "local", 8, True, (1.0, 1.0)),
     ("auto", "allreduce", 4, True, (2.0, 2.0)),      # Adam: square-root rule
     ("auto", "allreduce", 4, False, (4.0, 4.0)),     # SGD: linear rule
-    ("auto", "damsgrad", 4, True, (4.0, 2.0)),       # decentralized Adam: dense linear, tables sqrt
-    ("auto", "choco", 9, True, (9.0, 3.0)),
+    ("auto", "damsgrad", 2, True, (2 ** 0.5, 2 ** 0.5)),   # decentralized Adam: sqrt(n) ...
+    ("auto", "damsgrad", 8, True, (2.0, 2.0)),       # ... capped at 2
+    ("auto", "choco", 9, False, (9.0, 9.0)),         # SGD steps: linear
     ("auto", "dpsgd", 2, False, (2.0, 2.0)),
     ("auto", "dpsgd", 4, True, (4.0, 4.0)),          # dpsgd steps are SGD even with adam named
     ("sqrt", "damsgrad", 9, True, (3.0, 3.0)),
@@ -49,3 +50,4 @@ def test_speedup_is_relative_to_the_same_algorithm_at_one_worker():
     assert r[("damsgrad", 4)]["speedup"] == 5.0           # 100 / 20
     assert math.isclose(r[("allreduce", 1)]["iters_to_target"], 50 + 50 * (0.05 / 0.06))
     assert r[("allreduce", 4)]["iters_to_target"] == 25.0
+

@@ -169,7 +169,7 @@ class DecentralizedOptimizer(Optimizer):
 
     def __init__(self, model: nn.Module, algorithm: str, topo: Topology, rank: int,
                  exchange: NeighborExchange, dense_lr: float, sparse_lr: float,
-                 betas=(0.9, 0.999), eps: float = 1e-8, rowwise: bool = False,
+                 betas=(0.9, 0.999), eps: float = 1e-16, rowwise: bool = False,
                  bias_correction: bool = False, compressor: Optional[Compressor] = None,
                  dense_compressor: Optional[Compressor] = None, gamma: float = 1.0,
                  tracker: str = "compressed", tracker_every: int = 1) -> None:
@@ -188,6 +188,12 @@ class DecentralizedOptimizer(Optimizer):
         self.dense_compressor = (dense_compressor or compressor) if algorithm == "choco" else None
         self.gamma = gamma if algorithm == "choco" else 1.0
         self.tracker, self.tracker_every = tracker, max(1, tracker_every)
+        # A lossy tracker is only an estimate of the network mean of vhat, which is at least
+        # vhat_i / n: steps divide by sqrt(max(u, vhat / n, eps)), never more than sqrt(n) times a
+        # local AMSGrad step. (Exact gossip needs no such bound, and damsgrad keeps DESIGN.md's.)
+        lossy = lambda c: c is not None and c.name != "identity"   # noqa: E731
+        self.tracker_bound = (1.0 / topo.n if self.adaptive and tracker == "compressed"
+                              and (lossy(self.compressor) or lossy(self.dense_compressor)) else 0.0)
         self.traffic: Counter = Counter()
 
     def _step_count(self) -> int:
@@ -273,7 +279,10 @@ class DecentralizedOptimizer(Optimizer):
             off += n
             st["u"].add_(vn - st["vhat"])
             st["vhat"].copy_(vn)
-            p.data.addcdiv_(st["m"], st["u"].clamp(min=group["eps"]).sqrt(),
+            u = st["u"]
+            if self.tracker_bound:
+                u = torch.maximum(u, st["vhat"] * self.tracker_bound)
+            p.data.addcdiv_(st["m"], u.clamp(min=group["eps"]).sqrt(),
                             value=-self._step_size(group, t))
 
     # ------------------------------------------------------------------ tables
@@ -316,7 +325,10 @@ class DecentralizedOptimizer(Optimizer):
             if self.adaptive and rows is not None:
                 add_rows_(st["u"], rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)
-                u = st["u"].index_select(0, rows).clamp(min=group["eps"]).sqrt()
+                u = st["u"].index_select(0, rows)
+                if self.tracker_bound:
+                    u = torch.maximum(u, vhat_new * self.tracker_bound)
+                u = u.clamp(min=group["eps"]).sqrt()
                 add_rows_(p.data, rows, m / u, alpha=-self._step_size(group, t))
                 xg.mark(rows)
                 ug.mark(rows)

@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ctrkit.data.loader import BatchLoader
+from ctrkit.errors import CtrkitError
 
 
 @torch.no_grad()
@@ -26,6 +27,9 @@ def predict(model: nn.Module, loader: BatchLoader) -> tuple:
 
 
 def auc_logloss(y: np.ndarray, p: np.ndarray) -> dict:
+    if not np.isfinite(p).all():
+        raise CtrkitError(f"{int((~np.isfinite(p)).sum())} of {len(p)} predictions are not finite: "
+                          "the model diverged; lower the learning rate")
     pc = np.clip(p, 1e-7, 1 - 1e-7)
     logloss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
     auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")

@@ -421,6 +421,10 @@ class Trainer:
                 bar.update(1)
                 if self.step % tc.log_every == 0:
                     mean_loss = float(loss_sum) / loss_n   # (waits for the device's queue)
+                    if not math.isfinite(mean_loss):
+                        raise CtrkitError(
+                            f"rank {self.env.rank}: training diverged: mean loss {mean_loss} over "
+                            f"steps {self.step - loss_n + 1}-{self.step}; lower the learning rate")
                     now = time.perf_counter()
                     sps = (self.samples - n_last) / max(now - t_last, 1e-9)
                     logger.log({"step": self.step, "epoch": self.epoch, "samples": self.samples,
