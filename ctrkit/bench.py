@@ -305,7 +305,7 @@ def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING
     at least n / horizon. Linear speedup means
     n times fewer iterations to the target logloss: the worse of the n = 1 final loglosses of
     allreduce and damsgrad. Learning rates follow `distributed.lr_scaling` (the shipped config:
-    auto, i.e. sqrt for allreduce/Adam and linear for damsgrad). Algorithms in `baseline_only` run
+    auto: sqrt for allreduce with Adam, min(sqrt(n), 2) for damsgrad). Algorithms in `baseline_only` run
     only at the largest two n, for the final-AUC comparison; dpsgd is plain SGD at `dpsgd_lr`,
     unscaled. Also reported: final AUC/logloss of the averaged model, AUC spread, bytes per step.
     """

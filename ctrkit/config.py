@@ -84,9 +84,18 @@ class DenseOptConfig(_Strict):
     eps: float = Field(default=1e-8, gt=0)
 
 
+class ScheduleConfig(_Strict):
+    """Per-step learning-rate schedule for every optimizer (dense, tables, fused tables)."""
+    name: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)      # linear ramp from lr / warmup_steps to lr
+    total_steps: int = Field(default=0, ge=0)       # 0: epochs x steps per epoch (max_steps does not count)
+    final_ratio: float = Field(default=0.1, ge=0, le=1)   # lr at total_steps / peak lr
+
+
 class OptimizerConfig(_Strict):
     dense: DenseOptConfig = DenseOptConfig()
     sparse: SparseOptConfig = SparseOptConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 class EarlyStopConfig(_Strict):

@@ -31,6 +31,7 @@ from ctrkit.models import build_model
 from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
 from ctrkit.optim.build import build_optimizers, worker_lr_scale
 from ctrkit.optim.decentralized import ALGORITHMS as DECENTRALIZED, choco_options
+from ctrkit.optim.schedule import apply_schedule
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctrkit.train.evaluate import evaluate_split
 from ctrkit.train.memory import keep_freed_memory
@@ -401,6 +402,11 @@ class Trainer:
         if steps_per_epoch == 0:
             raise CtrkitError("training split has fewer rows than one batch")
         self.model.train()
+        sc = self.cfg.optimizer.schedule
+        # The planned length, not max_steps: a run cut short by max_steps and resumed follows the
+        # same schedule as one that never stopped.
+        sched_total = 0 if (sc.name == "constant" and not sc.warmup_steps) else \
+            (sc.total_steps or tc.epochs * steps_per_epoch)
         stop = self.stopped_early or (tc.max_steps and self.step >= tc.max_steps)
         while not stop and self.epoch < tc.epochs:
             self.train_loader.set_position(self.epoch, self.batch_in_epoch)
@@ -412,6 +418,9 @@ class Trainer:
             t_epoch = time.perf_counter()
             evaluated_at = -1
             for batch in self.train_loader:
+                if sched_total:
+                    apply_schedule(self.optimizers, self.cfg.optimizer.schedule, self.step, sched_total)
+                    self._sync_fused_lr()
                 loss = self.train_step(batch)
                 self.step += 1
                 _injected_fault(self.step, self.env.rank)
