@@ -21,7 +21,7 @@ def _args(raw, tmp_path, *extra):
             f"train.run_dir={tmp_path / 'run'}", "model.hidden_units=[32]", "train.batch_size=256",
             "train.eval_every=10", "train.epochs=4", "optimizer.dense.lr=3e-3",
             "optimizer.sparse.lr=3e-3", "train.tensorboard=false", "train.plot=false",
-            "distributed.timeout_s=60", "train.device=cpu", *extra]
+            "distributed.timeout_s=60", "train.device=cpu", "train.early_stop.enabled=false", *extra]
 
 
 @pytest.mark.parametrize("algorithm", ["damsgrad", "allreduce"])
