@@ -173,7 +173,7 @@ def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_
     }
 
 
-def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 3) -> Dict[str, object]:
+def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 7) -> Dict[str, object]:
     """prepare (vocab + encode + write, train split only) vs pyarrow's plain CSV read, alternated."""
 
     import pyarrow.csv as pacsv
