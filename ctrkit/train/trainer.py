@@ -545,7 +545,10 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
     set_threads(tc.threads or (1 if env.active else 0))
     keep_freed_memory()
     try:
-        return _train_rank(cfg, env)
+        result = _train_rank(cfg, env)
+        if env.active:   # nobody tears down its process group while a peer may still talk to it
+            dist.barrier()
+        return result
     except (RuntimeError, dist.DistError) as e:
         if not env.active or not is_comm_failure(e):
             raise
