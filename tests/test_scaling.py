@@ -50,4 +50,3 @@ def test_speedup_is_relative_to_the_same_algorithm_at_one_worker():
     assert r[("damsgrad", 4)]["speedup"] == 5.0           # 100 / 20
     assert math.isclose(r[("allreduce", 1)]["iters_to_target"], 50 + 50 * (0.05 / 0.06))
     assert r[("allreduce", 4)]["iters_to_target"] == 25.0
-

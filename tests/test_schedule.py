@@ -33,6 +33,15 @@ def test_apply_keeps_what_plateau_cut():
     assert math.isclose(opt.param_groups[0]["lr"], 0.1 * lr_factor(cfg, 5, 10))
 
 
+def test_a_decay_to_zero_holds_past_its_end():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    cfg = ScheduleConfig(name="linear", final_ratio=0.0)
+    for t in range(15):                                               # total_steps 10 < run length
+        apply_schedule([opt], cfg, t, 10)
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
 @pytest.mark.shared_data
 def test_trainer_follows_the_schedule_and_resumes_on_it(make_cfg, tmp_path):
     common = ("optimizer.schedule.name=cosine", "optimizer.schedule.warmup_steps=3",

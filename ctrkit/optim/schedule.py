@@ -33,9 +33,9 @@ def lr_factor(cfg: ScheduleConfig, step: int, total: int) -> float:
 def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], cfg: ScheduleConfig, step: int,
                    total: int) -> None:
     """Move every group's lr from f(step - 1) to f(step) of the schedule (see the module doc)."""
-    ratio = lr_factor(cfg, step, total) / lr_factor(cfg, step - 1, total)
-    if ratio == 1.0:
+    cur, prev = lr_factor(cfg, step, total), lr_factor(cfg, step - 1, total)
+    if cur == prev:   # also past the end of a decay to 0 (prev = 0)
         return
     for o in optimizers:
         for g in o.param_groups:
-            g["lr"] *= ratio
+            g["lr"] *= cur / prev

@@ -419,7 +419,7 @@ class Trainer:
             evaluated_at = -1
             for batch in self.train_loader:
                 if sched_total:
-                    apply_schedule(self.optimizers, self.cfg.optimizer.schedule, self.step, sched_total)
+                    apply_schedule(self.optimizers, sc, self.step, sched_total)
                     self._sync_fused_lr()
                 loss = self.train_step(batch)
                 self.step += 1
