@@ -60,7 +60,8 @@ def test_per_feature_embedding_dims(make_cfg):
     assert model(batch).shape == (32,)
 
 
-@pytest.mark.parametrize("sparse_opt", ["adam", "rowwise_adagrad", "rowwise_adagrad optimizer.sparse.fused=true"])
+@pytest.mark.parametrize("sparse_opt", ["adam", "adam train.ema_decay=0.9", "rowwise_adagrad",
+                                       "rowwise_adagrad optimizer.sparse.fused=true"])
 def test_resume_gives_the_same_parameters(make_cfg, tmp_path, sparse_opt):
     common = (*f"optimizer.sparse.name={sparse_opt}".split(), "model.dropout=0.3",
               "model.hidden_units=[32,16]")
@@ -80,6 +81,9 @@ def test_resume_gives_the_same_parameters(make_cfg, tmp_path, sparse_opt):
     assert a["step"] == b["step"] == 30
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    if a.get("ema"):   # the weight average resumes exactly too
+        for x, y in zip(a["ema"]["tables"] + a["ema"]["dense"], b["ema"]["tables"] + b["ema"]["dense"]):
+            assert torch.equal(x, y)
     assert r2.metrics["valid"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["valid"]
 
 

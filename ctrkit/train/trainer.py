@@ -2,6 +2,7 @@
 learning-rate drop on plateau, checkpoints and resume, progress and metric logs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -33,6 +34,7 @@ from ctrkit.optim.build import build_optimizers, worker_lr_scale
 from ctrkit.optim.decentralized import ALGORITHMS as DECENTRALIZED, choco_options
 from ctrkit.optim.schedule import apply_schedule
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ctrkit.train.ema import WeightEMA
 from ctrkit.train.evaluate import evaluate_split
 from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, write_json
@@ -182,6 +184,7 @@ class Trainer:
                       + f"; public copies x_hat and s hold {mb:.1f} MB per worker", flush=True)
         else:
             self.optimizers = build_optimizers(self.model, cfg.optimizer)
+        self.ema = WeightEMA(self.model, tc.ema_decay) if tc.ema_decay else None
         mode = "max" if tc.early_stop.monitor == "valid_auc" else "min"
         self.mode = mode
         pl = tc.lr_plateau
@@ -252,7 +255,8 @@ class Trainer:
                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
                 "train_seconds": self.train_seconds, "rng": rng_state(),
                 "bytes_sent": self.bytes_sent,
-                "traffic": dict(getattr(self.optimizers[0], "traffic", {})) if self.optimizers else {}}
+                "traffic": dict(getattr(self.optimizers[0], "traffic", {})) if self.optimizers else {},
+                "ema": self.ema.state_dict() if self.ema else None}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -264,6 +268,11 @@ class Trainer:
                   "stopped_early", "train_seconds"):
             setattr(self, k, st[k])
         set_rng_state(st["rng"], cuda=self.device.type == "cuda")
+        if self.ema and st.get("ema"):
+            self.ema.load_state_dict(st["ema"])
+        elif self.ema and self.env.is_main:
+            print("ctrkit: the checkpoint has no weight average; train.ema_decay starts one at "
+                  f"step {self.step}", flush=True)
         self.comm_bytes = st.get("bytes_sent", 0)
         if self.optimizers and hasattr(self.optimizers[0], "traffic"):
             self.optimizers[0].traffic.update(st.get("traffic", {}))
@@ -291,8 +300,12 @@ class Trainer:
         if self.algorithm == "allreduce":
             from ctrkit.optim.decentralized import average_gradients
             self.comm_bytes += average_gradients(self.model, self.env.world)
+        if self.ema:
+            self.ema.capture()
         for o in self.optimizers:
             o.step()
+        if self.ema:
+            self.ema.update()
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         return loss.detach()
@@ -306,19 +319,22 @@ class Trainer:
         if "valid" not in self.eval_loaders:
             self.save(LAST)
             return False
-        m, best_state = self._validate()
+        with self._averaged():
+            m, best_state = self._validate()
+            value = m["auc"] if self.mode == "max" else m["logloss"]
+            better = self.best is None or (value > self.best if self.mode == "max"
+                                           else value < self.best)
+            if better and not math.isnan(value):
+                if self.grid:
+                    self._save_sharded_best(best_state)
+                elif self.env.is_main:
+                    save_checkpoint(self.run_dir / "checkpoints" / BEST, {"model": best_state,
+                                                                          "step": self.step})
         logger.log({"step": self.step, "epoch": self.epoch, "samples": self.samples, "split": "valid",
                     "auc": m["auc"], "logloss": m["logloss"], "lr": self._lr(),
                     **{k: v for k, v in self.last_eval.items()}})
-        value = m["auc"] if self.mode == "max" else m["logloss"]
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better and not math.isnan(value):
             self.best, self.best_step, self.bad_evals = value, self.step, 0
-            if self.grid:
-                self._save_sharded_best(best_state)
-            elif self.env.is_main:
-                save_checkpoint(self.run_dir / "checkpoints" / BEST, {"model": best_state,
-                                                                      "step": self.step})
         else:
             self.bad_evals += 1
         for s in self.schedulers:
@@ -386,6 +402,10 @@ class Trainer:
                           "consensus_dense": net["consensus_dense"],
                           "bytes_per_worker_step": self.bytes_sent / steps, **self.traffic()}
         return {"auc": float(t[0]), "logloss": float(t[1]), "rows": own["rows"]}, net["state"]
+
+    def _averaged(self):
+        """The weights to evaluate and keep: the EMA's while in the block (train.ema_decay)."""
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
 
     def _sync_fused_lr(self) -> None:
         """LR-on-plateau scales fused tables' learning rate by the same factor as the dense one."""
@@ -477,7 +497,13 @@ class Trainer:
         elif best.is_file() and not self.grid:
             self.model.load_state_dict(load_checkpoint(best)["model"])
         elif self.env.active:   # no validation split: report the network average
-            self.model.load_state_dict(network_average(self.model, self.env, self.grid)["state"])
+            with self._averaged():
+                state = network_average(self.model, self.env, self.grid)["state"]
+            self.model.load_state_dict(state)
+        elif self.ema:   # no validation split: report the weight average
+            with self.ema.applied():
+                state = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(state)
         out: Dict[str, object] = {}
         if self.env.is_main or (self.grid and self.grid.group == 0):
             for split in self.eval_loaders:
@@ -627,7 +653,14 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
             from ctrkit.distributed.sharding import load_model
             load_model(model, path)
         else:
-            model.load_state_dict(load_checkpoint(path)["model"])
+            st = load_checkpoint(path)
+            model.load_state_dict(st["model"])
+            if st.get("ema"):   # a last.pt of a run with train.ema_decay: its weight average
+                ema = WeightEMA(model, st["ema"]["decay"])
+                ema.load_state_dict(st["ema"])
+                with ema.applied():
+                    avg = {k: v.clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(avg)
     except RuntimeError as e:
         raise CtrkitError(f"{path}: does not match model '{cfg.model.name}' "
                           f"({_mismatch(e)})") from None
