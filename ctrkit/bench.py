@@ -32,6 +32,7 @@ from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.layers import fm_interaction
 from ctrkit.optim.build import build_optimizers
+from ctrkit.train.ema import WeightEMA
 from ctrkit.train.memory import keep_freed_memory
 
 
@@ -65,8 +66,9 @@ class _Variant:
 
 
 def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None,
-                  device: torch.device = torch.device("cpu")) -> _Variant:
-    """The whole training step; tables of the data's own sizes, or `total_rows` rows in all."""
+                  device: torch.device = torch.device("cpu"), ema_decay: float = 0.0) -> _Variant:
+    """The whole training step; tables of the data's own sizes, or `total_rows` rows in all;
+    with `ema_decay` also the weight average's update (train.ema_decay)."""
     bs = cfg.train.batch_size
     pin = device.type == "cuda"
     if total_rows is None:
@@ -80,6 +82,7 @@ def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None,
     torch.manual_seed(0)
     model = build_model(cfg.model, s).to(device)
     opts = build_optimizers(model, cfg.optimizer)
+    ema = WeightEMA(model, ema_decay) if ema_decay else None
     state = {"it": iter(loader)}
 
     def step() -> None:
@@ -92,11 +95,16 @@ def _full_variant(cfg: Config, schema: Schema, total_rows: Optional[int] = None,
         batch = batch.to(device)
         loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels)
         loss.backward()
+        if ema:
+            ema.capture()
         for o in opts:
             o.step()
+        if ema:
+            ema.update()
         for o in opts:
             o.zero_grad(set_to_none=True)
-    return _Variant("full" if total_rows is None else f"full_{total_rows}_rows", step)
+    name = "full" if total_rows is None else f"full_{total_rows}_rows"
+    return _Variant(name + ("_ema" if ema else ""), step)
 
 
 DENSE_POOL = 8   # 8 x 7 MB of embeddings: more than this CPU's cache
@@ -142,7 +150,8 @@ def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_
     variants = [_dense_variant(cfg, schema, bs, device=device), _full_variant(cfg, schema, None, device),
                 _full_variant(cfg, schema, small_rows, device),
                 _full_variant(cfg, schema, big_rows, device),
-                _dense_variant(cfg, schema, bs, input_grad=False, device=device)]
+                _dense_variant(cfg, schema, bs, input_grad=False, device=device),
+                _full_variant(cfg, schema, None, device, ema_decay=cfg.train.ema_decay or 0.95)]
 
     def sync() -> None:   # a GPU step is timed to the end of its queued kernels
         if device.type == "cuda":
@@ -162,6 +171,7 @@ def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_
     ratios_dense = [a / b for a, b in zip(variants[1].times, variants[0].times)]
     ratios_big = [a / b for a, b in zip(variants[3].times, variants[2].times)]
     ratios_frozen = [a / b for a, b in zip(variants[1].times, variants[4].times)]
+    ratios_ema = [a / b for a, b in zip(variants[5].times, variants[1].times)]
     return {
         "device": str(device), "threads": threads,
         "step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
@@ -169,6 +179,8 @@ def measure_steps(cfg: Config, schema: Schema, threads: int, rounds: int, steps_
         "full_over_dense": round(statistics.median(ratios_dense), 3),
         "big_over_small_tables": round(statistics.median(ratios_big), 3),
         "full_over_dense_frozen_input": round(statistics.median(ratios_frozen), 3),
+        # the step with train.ema_decay's weight average over the plain full step
+        "full_ema_over_full": round(statistics.median(ratios_ema), 3),
         "rounds": rounds, "steps_per_round": steps_per_round,
     }
 

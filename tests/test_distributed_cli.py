@@ -24,13 +24,22 @@ def _args(raw, tmp_path, *extra):
             "distributed.timeout_s=60", "train.device=cpu", "train.early_stop.enabled=false", *extra]
 
 
-@pytest.mark.parametrize("algorithm", ["damsgrad", "allreduce"])
+@pytest.mark.parametrize("algorithm", ["damsgrad", "allreduce", "allreduce train.ema_decay=0.9"])
 def test_launcher_runs_two_ranks(raw, tmp_path, algorithm):
-    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *_args(raw, tmp_path),
+    algorithm, *extra = algorithm.split()
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *_args(raw, tmp_path, *extra),
                         "distributed.workers=2", f"distributed.algorithm={algorithm}", "--quiet",
                         "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    if extra:   # allreduce keeps the replicas equal, so every rank's weight average is the same
+        import torch
+        from ctrkit.train.checkpoint import load_checkpoint
+        a, b = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"last-rank{i}.pt")["ema"]
+                for i in (0, 1))
+        assert a["step"] == b["step"] == m["steps"]
+        for x, y in zip(a["tables"] + a["dense"], b["tables"] + b["dense"]):
+            assert torch.allclose(x, y, atol=1e-6)
     assert m["workers"] == 2 and m["algorithm"] == algorithm
     assert m["samples"] == 24000 and m["valid"]["auc"] > 0.55
     assert m["bytes_per_worker_step"] > 0
