@@ -80,17 +80,18 @@ def _sparse_column(batch: pa.RecordBatch, f: Feature) -> pa.Array:
     return col
 
 
-def _dense_column(chunks: List[pa.Array], f: Feature, out: np.ndarray) -> None:
-    """Fill, transform and write one numeric feature into `out` (a column of the split's matrix)."""
+def _dense_column(chunks: List[pa.Array], f: Feature, rows: int) -> np.ndarray:
+    """One numeric feature, filled and transformed, as a contiguous float32 column."""
+    fill = float(f.fill or 0.0)
     if not chunks:
-        return
-    col = pc.fill_null(pa.chunked_array(chunks).combine_chunks(), float(f.fill or 0.0))
-    x = col.to_numpy(zero_copy_only=False)
-    x = np.where(np.isnan(x), float(f.fill or 0.0), x).astype(np.float32)   # NaN written in the file
+        return np.full(rows, fill, np.float32)
+    # Nulls arrive as NaN, like a NaN written in the file: both get the fill value.
+    x = pa.chunked_array(chunks).to_numpy().astype(np.float32)
+    x[np.isnan(x)] = fill
     if f.transform == "log":
         y = np.log1p(np.abs(x))
         np.copysign(y, x, out=x)
-    out[:] = x
+    return x
 
 
 @dataclass
@@ -161,11 +162,10 @@ def _lookup(values: pa.Array, vocab: pa.Array) -> np.ndarray:
     return np.where(found, np.nan_to_num(out, nan=0).astype(np.int64) + 2, OOV_ID).astype(np.int32)
 
 
-def _encode_feature(chunks: List[pa.DictionaryArray], vocab: Optional[tuple], min_count: int,
-                    out: np.ndarray) -> Optional[tuple]:
-    """Write one feature's final ids into `out` (a column of the split's id matrix).
-
-    With `vocab` None this is the training split: the vocabulary is fitted and returned."""
+def _encode_feature(chunks: List[pa.DictionaryArray], vocab: Optional[tuple],
+                    min_count: int) -> tuple:
+    """One feature's final ids as a contiguous int32 column, and (training split only, `vocab`
+    None) the fitted vocabulary."""
     values, gids = _split_ids(chunks)
     fitted = None
     if vocab is None:
@@ -174,8 +174,7 @@ def _encode_feature(chunks: List[pa.DictionaryArray], vocab: Optional[tuple], mi
     else:
         remap = _lookup(values, vocab[0])
     # One gather: missing (-1) picks the appended last slot.
-    np.take(np.append(remap, np.int32(MISSING_ID)).astype(np.int32), gids, out=out)
-    return fitted
+    return np.take(np.append(remap, np.int32(MISSING_ID)).astype(np.int32), gids), fitted
 
 
 def _check_output(out: Path, inputs: List[Path], overwrite: bool) -> None:
@@ -213,22 +212,21 @@ def prepare(cfg: Config, progress: bool = True) -> Schema:
             stats = ReadStats()
             enc, lay = _read_split(fs, dc, stats, progress, split)
             layout = layout or lay
-            sparse = np.empty((enc.rows, len(layout.sparse)), np.int32)
-            dense = np.empty((enc.rows, len(layout.dense)), np.float32)
             # Features are independent and numpy/pyarrow release the GIL: one thread per core.
+            sparse, dense = [], []
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 jobs = {f.name: pool.submit(_encode_feature, enc.chunks.pop(f.name, []),
                                             vocabs.get(f.name) if split != "train" else None,
-                                            f.min_count, sparse[:, j])
-                        for j, f in enumerate(layout.sparse)}
-                dense_jobs = [pool.submit(_dense_column, enc.dense.pop(f.name, []), f, dense[:, j])
-                              for j, f in enumerate(layout.dense)]
+                                            f.min_count)
+                        for f in layout.sparse}
+                dense_jobs = [pool.submit(_dense_column, enc.dense.pop(f.name, []), f, enc.rows)
+                              for f in layout.dense]
                 for name, job in jobs.items():
-                    fitted = job.result()
+                    ids, fitted = job.result()
+                    sparse.append(ids)
                     if fitted is not None:
                         vocabs[name] = fitted
-                for job in dense_jobs:
-                    job.result()
+                dense = [job.result() for job in dense_jobs]
             labels = np.concatenate(enc.labels) if enc.labels else np.zeros(0, np.float32)
             shards = write_shards(tmp, split, sparse, dense, labels, dc.shard_rows)
             stats.rows_written = int(labels.shape[0])
