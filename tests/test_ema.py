@@ -117,9 +117,39 @@ def test_run_evaluates_keeps_and_exports_the_average(make_cfg, tmp_path):
     assert not torch.equal(best["model"][w], last["model"][w])
     again = evaluate(cfg)
     assert again["valid"]["auc"] == pytest.approx(m["valid"]["auc"], abs=1e-9)
-    # with no best.pt, eval of last.pt evaluates the average too (the run ended at an evaluation)
-    (ck / "best.pt").unlink()
-    if m["best_step"] == 15:
+    if m["best_step"] == 15:   # the run ended at its best evaluation
+        # last.pt's average, as eval and train.init_from load it, is best.pt's weights
+        from ctrkit.data.schema import Schema
+        from ctrkit.train.ema import load_averaged_weights
+        from ctrkit.train.trainer import build_training_model
+        model = build_training_model(cfg, Schema.load(tmp_path / "prepared"), torch.device("cpu"))
+        load_averaged_weights(model, last)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, best["model"][k], rtol=1e-5, atol=1e-7)
+        # with no best.pt, eval of last.pt evaluates the average too
+        (ck / "best.pt").unlink()
         assert evaluate(cfg)["valid"]["auc"] == pytest.approx(m["valid"]["auc"], abs=1e-6)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "valid" in saved
+
+
+def test_trainer_refuses_ema_with_gossip_even_past_the_config_check(tmp_path):
+    """A config edited after validation (model_copy skips validators) is caught by the trainer."""
+    from ctrkit.config import load_config
+    from ctrkit.errors import ConfigError
+    from ctrkit.train.trainer import Trainer
+    cfg = load_config(None, ["distributed.algorithm=damsgrad"])
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ema_decay": 0.9})})
+    assert cfg.train.ema_decay == 0.9
+    with pytest.raises(ConfigError, match="train.ema_decay: not with gossip"):
+        Trainer(cfg, _tiny_schema(tmp_path), tmp_path / "run")
+
+
+def _tiny_schema(tmp_path):
+    from ctrkit.config import load_config
+    from ctrkit.data.preprocess import prepare
+    from ctrkit.data.synth import write_synthetic
+    write_synthetic(tmp_path / "raw", 300, valid_rows=50, test_rows=0, seed=0, card_scale=0.01,
+                    progress=False)
+    return prepare(load_config(None, [f"data.train={tmp_path / 'raw' / 'train.tsv'}",
+                                      f"data.prepared_dir={tmp_path / 'prep'}"]), progress=False)

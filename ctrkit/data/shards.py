@@ -41,7 +41,7 @@ _BLOCK_ROWS = 8192   # 26 features x 8192 rows x 4 bytes: the transposed block s
 def _save_rows(path: Path, columns: Sequence[np.ndarray], start: int, end: int,
                dtype: type) -> None:
     """rows start..end of the columns, as one [rows, len(columns)] `.npy` file."""
-    rows, width = end - start, len(columns)
+    rows, width = int(end - start), len(columns)   # Python ints: numpy ints corrupt the header
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
             np.dtype(dtype)), "fortran_order": False, "shape": (rows, width)})

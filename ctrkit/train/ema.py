@@ -86,7 +86,8 @@ class WeightEMA:
         t, d = self.step, self.decay
         for p, avg, last in zip(self.tables, self.table_avg, self.table_last):
             dk = torch.pow(d, (t - last).to(avg.dtype)).unsqueeze(1)
-            avg.mul_(dk).add_(p.detach() * (1 - dk))
+            w = p.detach()
+            avg.sub_(w).mul_(dk).add_(w)   # d^k avg + (1 - d^k) w, without a table-sized temporary
             last.fill_(t)
 
     @contextmanager
@@ -121,3 +122,21 @@ class WeightEMA:
             for dst, src in zip(self.table_avg + self.dense_avg + self.table_last,
                                 state["tables"] + state["dense"] + state["last"]):
                 dst.copy_(src)
+
+
+def load_averaged_weights(model: nn.Module, checkpoint: dict) -> None:
+    """Load a checkpoint's weights into `model`: its weight average where it holds one (a
+    `last.pt` of a run with train.ema_decay), so eval and init_from see what the run evaluated."""
+    model.load_state_dict(checkpoint["model"])
+    st = checkpoint.get("ema")
+    if not st:
+        return
+    ema = WeightEMA(model, st["decay"])
+    ema.load_state_dict(st)
+    ema._sync_all()
+    scale = 1.0 / (1.0 - ema.decay ** ema.step) if ema.step else None
+    if scale is None:
+        return
+    with torch.no_grad():
+        for p, avg in zip(ema.tables + ema.dense, ema.table_avg + ema.dense_avg):
+            p.copy_(avg).mul_(scale)

@@ -34,7 +34,7 @@ from ctrkit.optim.build import build_optimizers, worker_lr_scale
 from ctrkit.optim.decentralized import ALGORITHMS as DECENTRALIZED, choco_options
 from ctrkit.optim.schedule import apply_schedule
 from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ctrkit.train.ema import WeightEMA
+from ctrkit.train.ema import WeightEMA, load_averaged_weights
 from ctrkit.train.evaluate import evaluate_split
 from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, write_json
@@ -184,7 +184,14 @@ class Trainer:
                       + f"; public copies x_hat and s hold {mb:.1f} MB per worker", flush=True)
         else:
             self.optimizers = build_optimizers(self.model, cfg.optimizer)
-        self.ema = WeightEMA(self.model, tc.ema_decay) if tc.ema_decay else None
+        self.ema = None
+        if tc.ema_decay:
+            # (the config refuses these too; a config changed after validation lands here)
+            if self.algorithm in DECENTRALIZED or self.grid or any(
+                    isinstance(m, FusedEmbeddingBags) for m in self.model.modules()):
+                raise ConfigError("train.ema_decay: not with gossip (dpsgd, damsgrad, choco), "
+                                  "sharded tables or fused tables")
+            self.ema = WeightEMA(self.model, tc.ema_decay)
         mode = "max" if tc.early_stop.monitor == "valid_auc" else "min"
         self.mode = mode
         pl = tc.lr_plateau
@@ -224,8 +231,8 @@ class Trainer:
                               "starts from a torch.distributed.checkpoint folder (checkpoints/best "
                               "of a sharded run, or `ctrkit.distributed.sharding.save_model`)")
         try:
-            self.model.load_state_dict(load_checkpoint(path)["model"])
-        except (RuntimeError, KeyError) as e:
+            load_averaged_weights(self.model, load_checkpoint(path))
+        except (RuntimeError, KeyError, ValueError) as e:
             raise CtrkitError(f"train.init_from: {path} does not match model "
                               f"'{self.cfg.model.name}' ({_mismatch(e)})") from None
 
@@ -268,11 +275,13 @@ class Trainer:
                   "stopped_early", "train_seconds"):
             setattr(self, k, st[k])
         set_rng_state(st["rng"], cuda=self.device.type == "cuda")
-        if self.ema and st.get("ema"):
-            self.ema.load_state_dict(st["ema"])
-        elif self.ema and self.env.is_main:
-            print("ctrkit: the checkpoint has no weight average; train.ema_decay starts one at "
-                  f"step {self.step}", flush=True)
+        saved = st.get("ema")
+        if self.ema and saved and saved["decay"] == self.ema.decay:
+            self.ema.load_state_dict(saved)
+        elif self.ema and self.env.is_main:   # (an average of another decay does not continue)
+            why = "no weight average" if not saved else f"an average with decay {saved['decay']}"
+            print(f"ctrkit: the checkpoint has {why}; train.ema_decay={self.ema.decay} starts a "
+                  f"new one at step {self.step}", flush=True)
         self.comm_bytes = st.get("bytes_sent", 0)
         if self.optimizers and hasattr(self.optimizers[0], "traffic"):
             self.optimizers[0].traffic.update(st.get("traffic", {}))
@@ -653,15 +662,8 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
             from ctrkit.distributed.sharding import load_model
             load_model(model, path)
         else:
-            st = load_checkpoint(path)
-            model.load_state_dict(st["model"])
-            if st.get("ema"):   # a last.pt of a run with train.ema_decay: its weight average
-                ema = WeightEMA(model, st["ema"]["decay"])
-                ema.load_state_dict(st["ema"])
-                with ema.applied():
-                    avg = {k: v.clone() for k, v in model.state_dict().items()}
-                model.load_state_dict(avg)
-    except RuntimeError as e:
+            load_averaged_weights(model, load_checkpoint(path))
+    except (RuntimeError, ValueError) as e:
         raise CtrkitError(f"{path}: does not match model '{cfg.model.name}' "
                           f"({_mismatch(e)})") from None
     out: Dict[str, object] = {"checkpoint": str(path), "model": cfg.model.name}
