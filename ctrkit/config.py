@@ -206,18 +206,28 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _ema_needs_row_sparse_local_steps(self) -> "Config":
-        # The lazy average assumes a step changes only the rows its gradient touched.
-        if self.train.ema_decay:
-            if self.distributed.algorithm in ("dpsgd", "damsgrad", "choco"):
-                raise ValueError(f"train.ema_decay: not with distributed.algorithm="
-                                 f"{self.distributed.algorithm} (gossip moves rows a step did not "
-                                 "touch; the averaged replicas are already an average)")
-            if self.distributed.shard_group_size > 1:
-                raise ValueError("train.ema_decay: not with distributed.shard_group_size > 1")
-            if self.optimizer.sparse.fused:
-                raise ValueError("train.ema_decay: not with optimizer.sparse.fused=true (fbgemm "
-                                 "updates the tables inside backward)")
+        problem = ema_conflict(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def ema_conflict(cfg: Config) -> Optional[str]:
+    """Why train.ema_decay cannot be used with this config, or None. The lazy average assumes a
+    step changes only the rows its gradient touched (also checked by the trainer, for a config
+    changed after validation)."""
+    if not cfg.train.ema_decay:
+        return None
+    if cfg.distributed.algorithm in ("dpsgd", "damsgrad", "choco"):
+        return (f"train.ema_decay: not with distributed.algorithm={cfg.distributed.algorithm} "
+                "(gossip moves rows a step did not touch; the averaged replicas are already an "
+                "average)")
+    if cfg.distributed.shard_group_size > 1:
+        return "train.ema_decay: not with distributed.shard_group_size > 1"
+    if cfg.optimizer.sparse.fused:
+        return ("train.ema_decay: not with optimizer.sparse.fused=true (fbgemm updates the tables "
+                "inside backward)")
+    return None
 
 
 def _parse_value(text: str) -> Any:

@@ -90,19 +90,23 @@ class WeightEMA:
             avg.sub_(w).mul_(dk).add_(w)   # d^k avg + (1 - d^k) w, without a table-sized temporary
             last.fill_(t)
 
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        """Within the block the model holds the averaged weights (before any step: its own)."""
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Write the (bias-corrected) average into the model's parameters; before any step the
+        model keeps its own weights."""
         if self.step == 0:
-            yield
             return
         self._sync_all()
         scale = 1.0 / (1.0 - self.decay ** self.step)
+        for p, avg in zip(self.tables + self.dense, self.table_avg + self.dense_avg):
+            p.copy_(avg).mul_(scale)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the model holds the averaged weights, after it its own again."""
         params = self.tables + self.dense
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, avg in zip(params, self.table_avg + self.dense_avg):
-                p.copy_(avg).mul_(scale)
+        saved = [p.detach().clone() for p in params] if self.step else []
+        self.copy_to()
         try:
             yield
         finally:
@@ -133,10 +137,4 @@ def load_averaged_weights(model: nn.Module, checkpoint: dict) -> None:
         return
     ema = WeightEMA(model, st["decay"])
     ema.load_state_dict(st)
-    ema._sync_all()
-    scale = 1.0 / (1.0 - ema.decay ** ema.step) if ema.step else None
-    if scale is None:
-        return
-    with torch.no_grad():
-        for p, avg in zip(ema.tables + ema.dense, ema.table_avg + ema.dense_avg):
-            p.copy_(avg).mul_(scale)
+    ema.copy_to()

@@ -21,7 +21,7 @@ import os
 
 import torch.distributed as dist
 
-from ctrkit.config import Config, dump_config
+from ctrkit.config import Config, dump_config, ema_conflict
 from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, gather_floats, init_distributed,
                                         is_comm_failure, launch_workers, launched_by_torchrun,
                                         network_average, shutdown)
@@ -184,14 +184,10 @@ class Trainer:
                       + f"; public copies x_hat and s hold {mb:.1f} MB per worker", flush=True)
         else:
             self.optimizers = build_optimizers(self.model, cfg.optimizer)
-        self.ema = None
-        if tc.ema_decay:
-            # (the config refuses these too; a config changed after validation lands here)
-            if self.algorithm in DECENTRALIZED or self.grid or any(
-                    isinstance(m, FusedEmbeddingBags) for m in self.model.modules()):
-                raise ConfigError("train.ema_decay: not with gossip (dpsgd, damsgrad, choco), "
-                                  "sharded tables or fused tables")
-            self.ema = WeightEMA(self.model, tc.ema_decay)
+        problem = ema_conflict(cfg)   # (a config changed after validation lands here)
+        if problem:
+            raise ConfigError(problem)
+        self.ema = WeightEMA(self.model, tc.ema_decay) if tc.ema_decay else None
         mode = "max" if tc.early_stop.monitor == "valid_auc" else "min"
         self.mode = mode
         pl = tc.lr_plateau
@@ -510,9 +506,7 @@ class Trainer:
                 state = network_average(self.model, self.env, self.grid)["state"]
             self.model.load_state_dict(state)
         elif self.ema:   # no validation split: report the weight average
-            with self.ema.applied():
-                state = {k: v.clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(state)
+            self.ema.copy_to()
         out: Dict[str, object] = {}
         if self.env.is_main or (self.grid and self.grid.group == 0):
             for split in self.eval_loaders:
