@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ctrkit.errors import CtrkitError
+from ctrkit.distributed.runtime import report_rank_error
+from ctrkit.errors import CtrkitError, Interrupted
+from ctrkit.ownership import is_disk_error
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -120,11 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_command(argv: Sequence[str]) -> str:
+    keep = [a for a in argv if not a.startswith(("train.resume=", "train.overwrite="))]
+    return shlex.join(["ctrkit", *keep, "train.resume=true"])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may sit anywhere on the line, also after options.
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = build_parser().parse_args([a for a in argv if a not in overrides])
+    launched = os.environ.get("CTRKIT_LAUNCHED") == "1"   # a rank started by `ctrkit train`
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         from ctrkit.config import load_config
         config = _config_path(args.args)
@@ -132,13 +142,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             config = str(DEMO_CONFIG)
         cfg = load_config(config, overrides)
         result = COMMANDS[args.command](cfg, args)
-    except CtrkitError as e:
-        print(f"ctrkit {args.command}: error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        if rank0 and not launched:   # (the launcher says it once for all ranks)
+            print(f"ctrkit {args.command}: {e}; resume with: {_resume_command(argv)}",
+                  file=sys.stderr)
+        return e.exit_code
+    except (CtrkitError, OSError) as e:
+        if isinstance(e, OSError) and not is_disk_error(e):
+            raise
+        msg = str(e) if isinstance(e, CtrkitError) else \
+            f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}"
+        report_rank_error(msg)
+        print(f"ctrkit {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ctrkit {args.command}: interrupted", file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") == "0":   # under torchrun only rank 0 reports
+    if rank0 and not launched:   # under torchrun only rank 0 reports, once
         _print(result, args.json or args.command not in ("train", "eval", "demo"))
     return 0
 

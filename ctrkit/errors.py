@@ -25,3 +25,14 @@ class DataError(CtrkitError):
         if field is not None:
             where += f" field {field}"
         super().__init__(f"{where}: {message}")
+
+
+class Interrupted(CtrkitError):
+    """SIGINT/SIGTERM during training: the run saved its state first and can be resumed."""
+
+    exit_code = 130
+
+    def __init__(self, step: Optional[int], checkpoint: Union[str, Path]) -> None:
+        self.step, self.checkpoint = step, str(checkpoint)
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}" if step is not None else
+                         f"interrupted; the last complete checkpoint is in {checkpoint}")

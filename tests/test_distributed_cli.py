@@ -15,6 +15,12 @@ def raw(tmp_path_factory):
     return d
 
 
+def _last(run, rank):
+    """A rank's checkpoint of the newest step every rank has written."""
+    from ctrkit.train.checkpoint import last_rank_checkpoint
+    return last_rank_checkpoint(run / "checkpoints", rank)
+
+
 def _args(raw, tmp_path, *extra):
     return [f"data.train={raw / 'train.tsv'}", f"data.valid={raw / 'valid.tsv'}",
             f"data.test={raw / 'test.tsv'}", f"data.prepared_dir={tmp_path / 'prep'}",
@@ -35,15 +41,14 @@ def test_launcher_runs_two_ranks(raw, tmp_path, algorithm):
     if extra:   # allreduce keeps the replicas equal, so every rank's weight average is the same
         import torch
         from ctrkit.train.checkpoint import load_checkpoint
-        a, b = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"last-rank{i}.pt")["ema"]
-                for i in (0, 1))
+        a, b = (load_checkpoint(_last(tmp_path / "run", i))["ema"] for i in (0, 1))
         assert a["step"] == b["step"] == m["steps"]
         for x, y in zip(a["tables"] + a["dense"], b["tables"] + b["dense"]):
             assert torch.allclose(x, y, atol=1e-6)
     assert m["workers"] == 2 and m["algorithm"] == algorithm
     assert m["samples"] == 24000 and m["valid"]["auc"] > 0.55
     assert m["bytes_per_worker_step"] > 0
-    assert (tmp_path / "run" / "checkpoints" / "last-rank1.pt").is_file()
+    assert _last(tmp_path / "run", 1).is_file()
     if algorithm == "allreduce":
         assert m["consensus_dense"] == 0 and m["auc_spread"] == 0
 
@@ -95,8 +100,8 @@ def _assert_uninterrupted_run_matches(full_args, tmp_path, steps):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for rank in (0, 1):
-        a = torch.load(tmp_path / "run" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
-        b = torch.load(tmp_path / "full" / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
+        a = torch.load(_last(tmp_path / "run", rank), weights_only=False)
+        b = torch.load(_last(tmp_path / "full", rank), weights_only=False)
         assert a["step"] == b["step"] == steps
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 

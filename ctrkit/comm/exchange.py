@@ -36,13 +36,26 @@ class NeighborExchange:
             self.bytes_sent += sends[j].numel() * sends[j].element_size()
         if not ops:
             return
+        peer = None
         try:
-            for w in dist.batch_isend_irecv(ops):
+            works = dist.batch_isend_irecv(ops)
+            # one request per operation (gloo): wait for each, so a failure names its peer
+            paired = len(works) == len(ops)
+            for op, w in zip(ops, works):
+                peer = op.peer if paired else None
                 w.wait()
         except (RuntimeError, dist.DistError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CommError(f"neighbour exchange ({what}, batch_isend_irecv) of rank {self.rank} "
-                            f"with ranks {self.neighbors} failed: {first}") from None
+            raise CommError(self._failure(what, peer, e)) from None
+
+    def _failure(self, what: str, peer: Optional[int], e: BaseException) -> str:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"neighbour exchange ({what}, batch_isend_irecv) of rank {self.rank}"
+        if peer is None:
+            return f"{where} with ranks {self.neighbors} failed: {first}"
+        if "timed out" in first.lower() or "timeout" in first.lower():
+            return (f"rank {peer} stopped answering: {where} waited for it longer than "
+                    f"distributed.timeout_s ({first[:160]})")
+        return f"{where} with rank {peer} failed: {first[:200]}"
 
     def dense(self, flat: torch.Tensor) -> Dict[int, torch.Tensor]:
         """Send `flat` to every neighbour; return what each neighbour sent (same shape)."""

@@ -8,14 +8,17 @@ Valid/test values are looked up in the training vocabulary once per distinct val
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +29,11 @@ from tqdm import tqdm
 from ctrkit.config import Config, DataConfig
 from ctrkit.data.formats import Feature, Layout, resolve_layout
 from ctrkit.data.reader import ReadStats, iter_batches
-from ctrkit.data.schema import MISSING_ID, OOV_ID, FeatureInfo, Schema, SplitInfo
+from ctrkit.data.fingerprint import first_difference, fingerprint
+from ctrkit.data.schema import MISSING_ID, OOV_ID, SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
 from ctrkit.data.shards import write_shards
 from ctrkit.errors import ConfigError, CtrkitError
+from ctrkit.ownership import OwnedFolder, check_disjoint, is_disk_error, write_error
 
 SPLITS = ("train", "valid", "test")
 
@@ -63,7 +68,8 @@ def _criteo_bucket(col: pa.Array) -> pa.Array:
     mask = np.isnan(x)
     with np.errstate(invalid="ignore", divide="ignore"):
         b = np.where(x > 2, np.floor(np.log(np.where(x > 2, x, 1.0)) ** 2), np.floor(x))
-    b = np.where(mask, 0, b).astype(np.int64)
+    # (the reader refuses infinities; a huge negative value must not overflow int64 either)
+    b = np.clip(np.where(mask, 0, b), -2.0 ** 62, 2.0 ** 62).astype(np.int64)
     return pa.array(b, mask=mask)
 
 
@@ -86,11 +92,19 @@ def _dense_column(chunks: List[pa.Array], f: Feature, rows: int) -> np.ndarray:
     if not chunks:
         return np.full(rows, fill, np.float32)
     # Nulls arrive as NaN, like a NaN written in the file: both get the fill value.
-    x = pa.chunked_array(chunks).to_numpy().astype(np.float32)
+    x64 = pa.chunked_array(chunks).to_numpy()
+    with np.errstate(over="ignore"):
+        x = x64.astype(np.float32)
     x[np.isnan(x)] = fill
     if f.transform == "log":
         y = np.log1p(np.abs(x))
         np.copysign(y, x, out=x)
+    big = np.isinf(x)   # finite in the file (the reader refuses infinities), beyond float32
+    if big.any():
+        if f.transform != "log":
+            raise CtrkitError(f"feature {f.name}: value {float(x64[big][0]):g} does not fit in "
+                              "float32; use dense_transform: log")
+        x[big] = np.copysign(np.log1p(np.abs(x64[big])), x64[big])
     return x
 
 
@@ -177,85 +191,166 @@ def _encode_feature(chunks: List[pa.DictionaryArray], vocab: Optional[tuple],
     return np.take(np.append(remap, np.int32(MISSING_ID)).astype(np.int32), gids), fitted
 
 
-def _check_output(out: Path, inputs: List[Path], overwrite: bool) -> None:
-    out_r = out.resolve()
-    for p in inputs:
-        pr = p.resolve()
-        if pr == out_r or out_r in pr.parents:
-            raise CtrkitError(f"{out}: prepared_dir contains input file {p}; choose another folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CtrkitError(f"{out} is not empty; set data.overwrite=true to replace it")
-        if not (out / "schema.json").exists():
-            raise CtrkitError(f"{out} is not empty and is not a ctrkit prepared folder; "
-                              "refusing to delete it")
+PREPARED = "prepared folder"
+
+
+def _up_to_date(out: Path, fp: dict) -> tuple:
+    """(the prepared schema, None) when `out` was prepared from exactly this data config and these
+    input files; else (None, why not)."""
+    if not (out / SCHEMA_FILE).is_file():
+        return None, None
+    try:
+        schema = Schema.load(out)
+    except CtrkitError as e:
+        return None, str(e)
+    why = first_difference(schema.source, fp)
+    return (schema, None) if why is None else (None, why)
+
+
+def _schema_stamp(out: Path) -> Optional[tuple]:
+    try:
+        st = (out / SCHEMA_FILE).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def open_prepared(cfg: Config, progress: bool = True) -> Iterator[Schema]:
+    """The prepared data of `cfg` (prepared first when missing, or again when its fingerprint
+    differs), with the folder's shared lock held in the block: a `prepare` that would replace it
+    waits until the block ends. `data.overwrite` is ignored here (training uses up-to-date data)."""
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"overwrite": False})})
+    out = Path(cfg.data.prepared_dir)
+    folder = OwnedFolder(out, PREPARED)
+    for _ in range(3):   # (another process may replace it between our prepare and our lock)
+        if folder.owned:
+            files = {s: split_files(getattr(cfg.data, s)) for s in SPLITS if getattr(cfg.data, s)}
+            with folder.lock(exclusive=False, wait=True):
+                schema, _ = _up_to_date(out, fingerprint(cfg.data, files))
+                if schema is not None:
+                    yield schema
+                    return
+        prepare(cfg, progress)
+    raise CtrkitError(f"{out}: keeps changing while this process tries to use it")
 
 
 def prepare(cfg: Config, progress: bool = True) -> Schema:
-    """Fit vocabularies on the training split, encode every split, write shards and schema.json."""
+    """Fit vocabularies on the training split, encode every split, write shards and schema.json.
+
+    A folder already prepared from the same config and input files is reused (`data.overwrite`
+    rebuilds it anyway); one ctrkit prepared from other data is rebuilt, replacing only the files
+    ctrkit wrote. One process at a time prepares a folder: a second one waits, then reuses it."""
     dc = cfg.data
     if not dc.train:
         raise ConfigError("data.train is required")
     files = {s: split_files(getattr(dc, s)) for s in SPLITS if getattr(dc, s)}
     out = Path(dc.prepared_dir)
-    _check_output(out, [p for fs in files.values() for p in fs], dc.overwrite)
+    check_disjoint(out, "data.prepared_dir", [p for fs in files.values() for p in fs])
+    folder = OwnedFolder(out, PREPARED)
+    fp = fingerprint(dc, files)
+    if not folder.owned:   # never put even a lock file into a folder that is not ctrkit's
+        schema, why = _up_to_date(out, fp)
+        if why:
+            raise CtrkitError(f"data.prepared_dir: {out} was prepared from other data ({why}) "
+                              "and has no ctrkit manifest, so it is not replaced: prepare into "
+                              "another folder")
+        folder.check_replaceable("prepare")
+    seen = _schema_stamp(out)
+    waiting = f"{out} is being prepared or used by another ctrkit process; waiting for it"
+    if not dc.overwrite:
+        with folder.lock(exclusive=False, wait=True, waiting_message=waiting):
+            schema, why = _up_to_date(out, fp)
+        if schema is not None:
+            return schema
+    with folder.lock(exclusive=True, wait=True, waiting_message=waiting):
+        schema, why = _up_to_date(out, fp)
+        if schema is not None and (not dc.overwrite or _schema_stamp(out) != seen):
+            return schema   # (up to date, or just written by the process we waited for)
+        folder.check_replaceable("data.overwrite=true" if dc.overwrite else "prepare")
+        if why:
+            print(f"ctrkit: preparing {out} again: {why}", file=sys.stderr, flush=True)
+        return _build(cfg, files, fp, folder, progress)
+
+
+def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFolder,
+           progress: bool) -> Schema:
+    """Write everything into a temporary folder of this process inside `folder`, then swap it in:
+    the old owned files go, the new ones are renamed into place, schema.json last."""
+    dc, out = cfg.data, folder.root
+    folder.record(files=[".tmp-prepare-*"])
+    folder.clear_matching(".tmp-prepare-*")   # leftovers of a killed prepare (we hold the lock)
+    tmp = out / f".tmp-prepare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.record(dirs=[tmp.name])
+    tmp.mkdir()
     t0 = time.time()
-    tmp = out.with_name(out.name + ".tmp-prepare")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    vocabs: Dict[str, tuple] = {}
-    infos: Dict[str, SplitInfo] = {}
-    layout = None
     try:
-        for split, fs in files.items():
-            stats = ReadStats()
-            enc, lay = _read_split(fs, dc, stats, progress, split)
-            layout = layout or lay
-            # Features are independent and numpy/pyarrow release the GIL: one thread per core.
-            sparse, dense = [], []
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                jobs = {f.name: pool.submit(_encode_feature, enc.chunks.pop(f.name, []),
-                                            vocabs.get(f.name) if split != "train" else None,
-                                            f.min_count)
-                        for f in layout.sparse}
-                dense_jobs = [pool.submit(_dense_column, enc.dense.pop(f.name, []), f, enc.rows)
-                              for f in layout.dense]
-                for name, job in jobs.items():
-                    ids, fitted = job.result()
-                    sparse.append(ids)
-                    if fitted is not None:
-                        vocabs[name] = fitted
-                dense = [job.result() for job in dense_jobs]
-            labels = np.concatenate(enc.labels) if enc.labels else np.zeros(0, np.float32)
-            shards = write_shards(tmp, split, sparse, dense, labels, dc.shard_rows)
-            stats.rows_written = int(labels.shape[0])
-            d = stats.as_dict()
-            infos[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
-                                     rows_written=d["rows_written"], rows_skipped=d["rows_skipped"],
-                                     skipped=d["skipped"], shards=shards,
-                                     positives=int(labels.sum()))
-        vdir = tmp / "vocab"
-        vdir.mkdir()
-        feats = []
-        for f in layout.features:
-            if f.is_sparse:
-                vocab, counts = vocabs[f.name]
-                feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
-                                                "count": pa.array(counts, pa.int64())}),
-                                      str(vdir / f"{f.name}.arrow"))
-                feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
-                                         vocab_size=len(vocab) + 2, min_count=f.min_count))
-            else:
-                feats.append(FeatureInfo(f.name, "dense", f.source, f.transform))
-        schema = Schema(format=dc.format, label=layout.label, features=feats, splits=infos,
-                        seconds=round(time.time() - t0, 3))
+        schema = _encode_all(dc, files, tmp, progress)
+        schema.source = fp
+        schema.seconds = round(time.time() - t0, 3)
         schema.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        new = OwnedFolder(tmp, PREPARED).files()
+        new_dirs = sorted({str(a) for f in new for a in Path(f).parents if str(a) != "."})
+        folder.record(files=new, dirs=new_dirs)   # before they appear: a crash leaves owned files
+        folder.clear(keep=tmp.name + "/")
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == SCHEMA_FILE):
+            os.replace(entry, out / entry.name)   # schema.json last: it makes the folder valid
+        tmp.rmdir()
+        folder.reset(files=[".tmp-prepare-*"] + new, dirs=new_dirs)
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_error(e):
+            raise write_error(Path(e.filename or out), e) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # (this process's own temporary folder)
         raise
     schema.root = out
     return schema
+
+
+def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progress: bool) -> Schema:
+    vocabs: Dict[str, tuple] = {}
+    infos: Dict[str, SplitInfo] = {}
+    layout = None
+    for split, fs in files.items():
+        stats = ReadStats()
+        enc, lay = _read_split(fs, dc, stats, progress, split)
+        layout = layout or lay
+        # Features are independent and numpy/pyarrow release the GIL: one thread per core.
+        sparse, dense = [], []
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            jobs = {f.name: pool.submit(_encode_feature, enc.chunks.pop(f.name, []),
+                                        vocabs.get(f.name) if split != "train" else None,
+                                        f.min_count)
+                    for f in layout.sparse}
+            dense_jobs = [pool.submit(_dense_column, enc.dense.pop(f.name, []), f, enc.rows)
+                          for f in layout.dense]
+            for name, job in jobs.items():
+                ids, fitted = job.result()
+                sparse.append(ids)
+                if fitted is not None:
+                    vocabs[name] = fitted
+            dense = [job.result() for job in dense_jobs]
+        labels = np.concatenate(enc.labels) if enc.labels else np.zeros(0, np.float32)
+        shards = write_shards(tmp, split, sparse, dense, labels, dc.shard_rows)
+        stats.rows_written = int(labels.shape[0])
+        d = stats.as_dict()
+        infos[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
+                                 rows_written=d["rows_written"], rows_skipped=d["rows_skipped"],
+                                 skipped=d["skipped"], shards=shards,
+                                 positives=int(labels.sum()))
+    vdir = tmp / "vocab"
+    vdir.mkdir()
+    feats = []
+    for f in layout.features:
+        if f.is_sparse:
+            vocab, counts = vocabs[f.name]
+            feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
+                                            "count": pa.array(counts, pa.int64())}),
+                                  str(vdir / f"{f.name}.arrow"))
+            feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
+                                     vocab_size=len(vocab) + 2, min_count=f.min_count))
+        else:
+            feats.append(FeatureInfo(f.name, "dense", f.source, f.transform))
+    return Schema(format=dc.format, label=layout.label, features=feats, splits=infos)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ctrkit.errors import CtrkitError
+from ctrkit.ownership import atomic_write_text
 
 SCHEMA_FILE = "schema.json"
 LAYOUT_VERSION = 2   # 2: row-major shards ([rows, features])
@@ -42,6 +43,7 @@ class Schema:
     splits: Dict[str, SplitInfo]
     seconds: float = 0.0
     version: int = LAYOUT_VERSION
+    source: Optional[dict] = None   # what produced it: data/fingerprint.py
     root: Optional[Path] = None
 
     @property
@@ -58,14 +60,19 @@ class Schema:
         return json.dumps(d, indent=1)
 
     def save(self, folder: Path) -> None:
-        (folder / SCHEMA_FILE).write_text(self.to_json())
+        atomic_write_text(folder / SCHEMA_FILE, self.to_json())
 
     @classmethod
     def load(cls, folder: Path) -> "Schema":
         path = Path(folder) / SCHEMA_FILE
         if not path.is_file():
             raise CtrkitError(f"{path}: not found; run `ctrkit prepare` first")
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CtrkitError(f"{path}: unreadable ({e})") from None
+        if not isinstance(d, dict):
+            raise CtrkitError(f"{path}: not a ctrkit schema")
         if d.get("version", 1) != LAYOUT_VERSION:
             raise CtrkitError(f"{path}: written by another ctrkit version (shard layout "
                               f"{d.get('version', 1)}, need {LAYOUT_VERSION}); run prepare again "
@@ -73,4 +80,5 @@ class Schema:
         return cls(format=d["format"], label=d["label"],
                    features=[FeatureInfo(**f) for f in d["features"]],
                    splits={k: SplitInfo(**v) for k, v in d["splits"].items()},
-                   seconds=d.get("seconds", 0.0), version=d["version"], root=Path(folder))
+                   seconds=d.get("seconds", 0.0), version=d["version"], source=d.get("source"),
+                   root=Path(folder))

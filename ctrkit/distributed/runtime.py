@@ -4,6 +4,7 @@ started by `torchrun --nproc_per_node N -m ctrkit train cfg` (or multi-node, wit
 endpoint) is picked up from the environment. gloo on CPU, NCCL on GPU."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -71,12 +72,18 @@ def comm_device() -> torch.device:
 
 def launch_workers(cfg: Config, run_dir: Path) -> None:
     """Start `distributed.workers` ranks on this machine through torch.distributed.run."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from ctrkit.errors import Interrupted
+    from ctrkit.ownership import atomic_write_text
+
     n = cfg.distributed.workers
     path = run_dir / "launch.yaml"
-    path.write_text(dump_config(cfg))
+    atomic_write_text(path, dump_config(cfg))
     args = parse_args(["--nproc_per_node", str(n), "--standalone",
                        f"--max_restarts={cfg.distributed.max_restarts}",
                        "-m", "ctrkit", "train", str(path)])
@@ -84,12 +91,45 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
     # Each rendezvous round gets a fresh store: the shared one keeps the failed attempt's
     # addresses, and restarted ranks connect to them (pytorch/pytorch#135712).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.ERROR)   # its warnings about signals and failures repeat our line
     try:
         run(args)
+    except SignalException:
+        raise Interrupted(None, run_dir / "checkpoints") from None
     except ChildFailedError as e:
-        first = next(iter(e.failures.values())) if e.failures else None
-        why = f"rank {first.local_rank} exited with code {first.exitcode}" if first else str(e)
-        raise CtrkitError(f"distributed run failed: {why}") from None
+        failures = list(e.failures.values())
+        if failures and all(f.exitcode == 130 for f in failures):
+            raise Interrupted(None, run_dir / "checkpoints") from None
+        raise CtrkitError(f"distributed run failed: {_first_failure(failures) or e}") from None
+    finally:
+        elastic.setLevel(level)
+
+
+def _first_failure(failures) -> Optional[str]:
+    """The rank error that came first (ranks write theirs into torch's error file, see
+    `report_rank_error`): the root cause, not a peer's report of its consequence."""
+    def key(f):
+        data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
+        return (data.get("ctrkit_time", float("inf")), f.local_rank)
+    if not failures:
+        return None
+    first = min(failures, key=key)
+    if isinstance(first.error_file_data, dict) and "ctrkit_time" in first.error_file_data:
+        return str(first.message)
+    return f"rank {first.local_rank} exited with code {first.exitcode}"
+
+
+def report_rank_error(message: str) -> None:
+    """Under torchrun, leave this rank's one-line error where the launcher reads it."""
+    import json
+    import time
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time()),
+                                              "ctrkit_time": time.time()}))
 
 
 def is_comm_failure(e: BaseException) -> bool:

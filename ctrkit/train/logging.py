@@ -7,20 +7,30 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ctrkit.errors import CtrkitError
+from ctrkit.ownership import atomic_path, atomic_write_text
+
 FIELDS = ["step", "epoch", "samples", "split", "loss", "auc", "logloss", "lr", "samples_per_s",
           "wall_s", "auc_spread", "auc_min", "consensus_embedding", "consensus_dense",
           "bytes_per_worker_step"]
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, append: bool = False) -> None:
+    """`resume_step`: continue the run's metrics.csv, dropping rows logged after that step (they
+    are logged again by the resumed run); otherwise start a new file."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True,
+                 resume_step: Optional[int] = None) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.csv"
-        new = not (append and self.path.exists())
-        self._f = open(self.path, "w" if new else "a", newline="")
+        kept = _rows_until(self.path, resume_step) if resume_step is not None else []
+        with atomic_path(self.path) as tmp:   # (the header is on disk before any row)
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w.writeheader()
+                w.writerows(kept)
+        self._f = open(self.path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=FIELDS)
-        if new:
-            self._w.writeheader()
         self._tb = None
         if tensorboard:
             try:
@@ -55,6 +65,20 @@ class NullLogger:
         pass
 
 
+def _rows_until(path: Path, step: int) -> List[Dict[str, str]]:
+    """The rows of an earlier metrics.csv up to `step` (a file without its header, as an older
+    ctrkit could leave after a kill, is read with the known columns)."""
+    try:
+        with open(path, newline="") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    if lines and lines[0].split(",") == FIELDS:
+        lines = lines[1:]
+    rows = csv.DictReader(lines, fieldnames=FIELDS)
+    return [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+
+
 def read_metrics(run_dir: Path) -> List[Dict[str, str]]:
     with open(Path(run_dir) / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -87,6 +111,17 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=float))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object ctrkit wrote; anything else is a one-line error naming the file."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CtrkitError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise CtrkitError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CtrkitError(f"{path}: not a JSON object")
+    return d

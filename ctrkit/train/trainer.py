@@ -4,42 +4,47 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-
-import os
-
-import torch.distributed as dist
 
 from ctrkit.config import Config, dump_config, ema_conflict
 from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, gather_floats, init_distributed,
                                         is_comm_failure, launch_workers, launched_by_torchrun,
                                         network_average, shutdown)
 from ctrkit.data.loader import BatchLoader
-from ctrkit.data.schema import SCHEMA_FILE, Schema
-from ctrkit.errors import ConfigError, CtrkitError
+from ctrkit.data.preprocess import open_prepared
+from ctrkit.data.schema import Schema
+from ctrkit.errors import ConfigError, CtrkitError, Interrupted
 from ctrkit.models import build_model
 from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
 from ctrkit.optim.build import build_optimizers, worker_lr_scale
 from ctrkit.optim.decentralized import ALGORITHMS as DECENTRALIZED, choco_options
 from ctrkit.optim.schedule import apply_schedule
-from ctrkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ctrkit.train.checkpoint import (LAST, last_rank_checkpoint, load_checkpoint, rng_state,
+                                     save_checkpoint, save_on_every_rank, set_rng_state)
 from ctrkit.train.ema import WeightEMA, load_averaged_weights
 from ctrkit.train.evaluate import evaluate_split
+from ctrkit.train.interrupt import StopSignals
 from ctrkit.train.memory import keep_freed_memory
-from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, write_json
+from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, read_json, write_json
+from ctrkit.train.run_dir import CHECKPOINTS, RUN, open_run_dir
+from ctrkit.ownership import OwnedFolder, atomic_write_text, is_within
 
-LAST, BEST = "last.pt", "best.pt"
+BEST = "best.pt"
+INTERRUPT_POLL = 10   # steps between the ranks' agreement on a stop signal
 BEST_SHARDED = "best"   # torch.distributed.checkpoint folder of a sharded run's best model
 
 
@@ -56,12 +61,9 @@ def set_threads(n: int) -> None:
 
 
 def load_or_prepare(cfg: Config, progress: bool) -> Schema:
-    """The prepared data for this config; runs `prepare` first if it has not been done."""
-    root = Path(cfg.data.prepared_dir)
-    if not (root / SCHEMA_FILE).is_file():
-        from ctrkit.data.preprocess import prepare
-        prepare(cfg, progress=progress)
-    return Schema.load(root)
+    """The prepared data for this config; runs `prepare` first if it is missing or stale."""
+    with open_prepared(cfg, progress) as schema:
+        return schema
 
 
 def build_training_model(cfg: Config, schema: Schema,
@@ -81,25 +83,6 @@ def _mismatch(e: RuntimeError, limit: int = 300) -> str:
     detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else \
         (lines[0] if lines else type(e).__name__)
     return detail if len(detail) <= limit else detail[:limit] + " ..."
-
-
-def _prepare_run_dir(cfg: Config) -> Path:
-    run_dir = Path(cfg.train.run_dir)
-    if cfg.train.resume:
-        ck = run_dir / "checkpoints"
-        if not ((ck / LAST).is_file() or (ck / "last-rank0.pt").is_file()):
-            raise CtrkitError(f"{run_dir}: no checkpoint to resume from (checkpoints/{LAST} or "
-                              "last-rank0.pt)")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.train.overwrite:
-            raise CtrkitError(f"{run_dir} is not empty; set train.resume=true to continue it or "
-                              "train.overwrite=true to start over")
-        if not (run_dir / "config.yaml").exists():
-            raise CtrkitError(f"{run_dir} is not empty and is not a ctrkit run; refusing to delete it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 class Trainer:
@@ -261,8 +244,13 @@ class Trainer:
                 "traffic": dict(getattr(self.optimizers[0], "traffic", {})) if self.optimizers else {},
                 "ema": self.ema.state_dict() if self.ema else None}
 
-    def load_state(self, st: dict) -> None:
-        self.model.load_state_dict(st["model"])
+    def load_state(self, st: dict, path: Path) -> None:
+        try:
+            self.model.load_state_dict(st["model"])
+        except (RuntimeError, KeyError) as e:
+            raise CtrkitError(f"{path}: does not match model '{self.cfg.model.name}' of this "
+                              f"config ({_mismatch(e)}); resume with the run's own config "
+                              f"({self.run_dir / 'config.yaml'})") from None
         for o, s in zip(self.optimizers, st["optimizers"]):
             o.load_state_dict(s)
         for sch, s in zip(self.schedulers, st["schedulers"]):
@@ -283,14 +271,21 @@ class Trainer:
             self.optimizers[0].traffic.update(st.get("traffic", {}))
         self._sync_fused_lr()
 
-    def last_name(self) -> str:
-        """Every rank keeps its own resumable state; a single process uses last.pt."""
-        return f"last-rank{self.env.rank}.pt" if self.env.active else LAST
+    def last_path(self) -> Optional[Path]:
+        """The resumable state to load: last.pt, or this rank's file of the newest step that every
+        rank has written (None: there is none)."""
+        folder = self.run_dir / CHECKPOINTS
+        return last_rank_checkpoint(folder, self.env.rank) if self.env.active else folder / LAST
 
-    def save(self, name: str) -> None:
-        if name == LAST:
-            name = self.last_name()
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
+    def save_last(self) -> None:
+        """Save the resumable state (ctrkit/train/checkpoint.py: a multi-rank step counts once
+        every rank has written it)."""
+        folder = self.run_dir / CHECKPOINTS
+        if not self.env.active:
+            save_checkpoint(folder / LAST, self.state())
+            return
+        save_on_every_rank(folder, self.state(), self.env.rank, self.env.world, dist.barrier,
+                           fault=lambda where: _injected_fault(self.step, self.env.rank, where))
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> torch.Tensor:
@@ -322,7 +317,7 @@ class Trainer:
         """Validate, update best/early stopping/plateau, checkpoint; True when training should stop."""
         tc = self.cfg.train
         if "valid" not in self.eval_loaders:
-            self.save(LAST)
+            self.save_last()
             return False
         with self._averaged():
             m, best_state = self._validate()
@@ -349,7 +344,7 @@ class Trainer:
                               self.env)
         self.stopped_early = self.stopped_early or stop
         if not tc.checkpoint_every:   # otherwise checkpoints keep their own schedule
-            self.save(LAST)
+            self.save_last()
         return stop
 
     def _evaluate_split(self, split: str) -> dict:
@@ -421,7 +416,20 @@ class Trainer:
             if isinstance(m, FusedEmbeddingBags):
                 m.set_learning_rate(self.cfg.optimizer.sparse.lr * scale)
 
-    def fit(self, logger: RunLogger) -> None:
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether a signal asked to stop after this step; the ranks of a distributed run agree on
+        it every INTERRUPT_POLL steps (one tiny all-reduce)."""
+        if not self.env.active:
+            return signals.requested
+        if self.step % INTERRUPT_POLL:
+            return False
+        from ctrkit.distributed.runtime import comm_device
+        t = torch.tensor([float(signals.requested)], device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def fit(self, logger: RunLogger, signals: Optional[StopSignals] = None) -> None:
+        signals = signals or StopSignals()
         tc = self.cfg.train
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:
@@ -471,9 +479,14 @@ class Trainer:
                     if self._evaluate(logger):
                         stop = True
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save(LAST)
+                    self.save_last()
                 if tc.max_steps and self.step >= tc.max_steps:
                     stop = True
+                if self._stop_requested(signals):
+                    bar.close()
+                    self.train_seconds += time.perf_counter() - t_epoch
+                    self.save_last()
+                    raise Interrupted(self.step, self.last_path())
                 if stop:
                     break
             bar.close()
@@ -486,9 +499,9 @@ class Trainer:
                 if evaluated_at != self.step and self._evaluate(logger):
                     stop = True
                 if tc.checkpoint_every and self.step % tc.checkpoint_every:
-                    self.save(LAST)   # (evaluations did not save it)
+                    self.save_last()   # (evaluations did not save it)
             elif not (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
-                self.save(LAST)
+                self.save_last()
 
     def final_metrics(self) -> dict:
         """Reload the best checkpoint (when validation picked one) and evaluate valid and test."""
@@ -561,15 +574,14 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
     tc = cfg.train
     _check_distributed(cfg)
     if cfg.distributed.workers > 1 and not launched_by_torchrun():
-        load_or_prepare(cfg, tc.progress)
-        run_dir = _prepare_run_dir(cfg)
-        os.environ["CTRKIT_LAUNCHED"] = "1"
-        try:
-            launch_workers(cfg, run_dir)
-        finally:
-            os.environ.pop("CTRKIT_LAUNCHED", None)
-        import json
-        return RunResult(json.loads((run_dir / "metrics.json").read_text()), run_dir, None)
+        # The launcher holds the data's shared lock and the run folder's lock for its ranks.
+        with open_prepared(cfg, tc.progress), open_run_dir(cfg) as run_dir:
+            os.environ["CTRKIT_LAUNCHED"] = "1"
+            try:
+                launch_workers(cfg, run_dir)
+            finally:
+                os.environ.pop("CTRKIT_LAUNCHED", None)
+            return RunResult(read_json(run_dir / "metrics.json"), run_dir, None)
     env = init_distributed(cfg)
     set_threads(tc.threads or (1 if env.active else 0))
     keep_freed_memory()
@@ -588,39 +600,55 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
         shutdown()
 
 
-def _injected_fault(step: int, rank: int) -> None:
+def _injected_fault(step: int, rank: int, where: str = "step") -> None:
     """Test hook for torchrun restarts: CTRKIT_TEST_KILL="RANK:STEP" hard-kills that rank at that
-    step of the first attempt (no cleanup, like a lost machine)."""
+    step of the first attempt (no cleanup, like a lost machine); "RANK:STEP:saved" right after it
+    wrote its checkpoint file of that step, before the other ranks know."""
     spec = os.environ.get("CTRKIT_TEST_KILL")
     if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        r, s = (int(x) for x in spec.split(":"))
-        if (r, s) == (rank, step):
+        r, s, *at = spec.split(":")
+        if (int(r), int(s), at[0] if at else "step") == (rank, step, where):
             os._exit(17)
 
 
 def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
+    with contextlib.ExitStack() as hold:   # (the folders' locks, held until the run ends)
+        if env.is_main:
+            schema = hold.enter_context(open_prepared(cfg, cfg.train.progress))
+            run_dir = Path(cfg.train.run_dir) if os.environ.get("CTRKIT_LAUNCHED") else \
+                hold.enter_context(open_run_dir(cfg))
+        if env.active:
+            dist.barrier()
+        if not env.is_main:
+            schema = Schema.load(Path(cfg.data.prepared_dir))
+            run_dir = Path(cfg.train.run_dir)
+        # ranks under a launcher get each signal twice: only a single process stops on the second
+        signals = hold.enter_context(StopSignals(hard_after=2 if not env.active else 10 ** 9))
+        return _run(cfg, env, schema, run_dir, signals)
+
+
+def _run(cfg: Config, env: DistEnv, schema: Schema, run_dir: Path,
+         signals: StopSignals) -> RunResult:
     tc = cfg.train
-    if env.is_main:
-        schema = load_or_prepare(cfg, tc.progress)
-        run_dir = Path(tc.run_dir) if os.environ.get("CTRKIT_LAUNCHED") else _prepare_run_dir(cfg)
-    if env.active:
-        dist.barrier()
-    if not env.is_main:
-        schema = Schema.load(Path(cfg.data.prepared_dir))
-        run_dir = Path(tc.run_dir)
     trainer = Trainer(cfg, schema, run_dir, env)
-    last = run_dir / "checkpoints" / trainer.last_name()
-    # After a torchrun restart (distributed.max_restarts) every rank continues from its checkpoint.
+    last = trainer.last_path()
+    have = last is not None and last.is_file()
+    # After a torchrun restart (distributed.max_restarts) every rank continues from its checkpoint
+    # of the newest step all ranks have.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = tc.resume or (restarted and min(gather_floats(float(last.is_file()), env)) == 1.0)
+    resume = tc.resume or (restarted and min(gather_floats(float(have), env)) == 1.0)
     if resume:
-        trainer.load_state(load_checkpoint(last))
+        if not have:
+            raise CtrkitError(f"{run_dir}: rank {env.rank} has no checkpoint to resume from "
+                              f"({last or CHECKPOINTS + '/last.json'} is missing)")
+        trainer.load_state(load_checkpoint(last), last)
     logger = NullLogger()
     if env.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        logger = RunLogger(run_dir, tensorboard=tc.tensorboard, append=resume)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        logger = RunLogger(run_dir, tensorboard=tc.tensorboard,
+                           resume_step=trainer.step if resume else None)
     try:
-        trainer.fit(logger)
+        trainer.fit(logger, signals)
         metrics = trainer.final_metrics()
         for split in ("valid", "test"):
             if split in metrics:
@@ -638,11 +666,15 @@ def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
 
 def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     """Evaluate a checkpoint (default: the run's best, else last) on valid and test."""
+    with open_prepared(cfg, cfg.train.progress) as schema:
+        return _evaluate_checkpoint(cfg, schema, checkpoint)
+
+
+def _evaluate_checkpoint(cfg: Config, schema: Schema, checkpoint: Optional[str]) -> dict:
     set_threads(cfg.train.threads)
     from ctrkit.train.device import resolve_device, use_device
     device = resolve_device(cfg.train.device)
     use_device(device)
-    schema = load_or_prepare(cfg, cfg.train.progress)
     run_dir = Path(cfg.train.run_dir)
     path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / BEST
     for fallback in (BEST_SHARDED, LAST):
@@ -666,12 +698,35 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
             out[split] = evaluate_split(model, BatchLoader(schema, split, cfg.train.eval_batch_size,
                                                            prefetch=cfg.train.prefetch,
                                                            pin_memory=device.type == "cuda"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path_json = run_dir / "metrics.json"
-    merged = {}
-    if path_json.is_file():
-        import json
-        merged = json.loads(path_json.read_text())
-    merged.update(out)
-    write_json(path_json, merged)
+    _record_eval(_run_of(path, run_dir), out)
     return out
+
+
+def _run_of(checkpoint: Path, run_dir: Path) -> Optional[Path]:
+    """The run folder a checkpoint belongs to (None: not inside a ctrkit run folder)."""
+    if is_within(checkpoint, run_dir):
+        return run_dir
+    for parent in list(checkpoint.resolve().parents)[:3]:
+        if OwnedFolder(parent, RUN).manifest_kind == RUN:
+            return parent
+    return None
+
+
+def _record_eval(run: Optional[Path], out: dict) -> None:
+    """Merge an evaluation into its own run's metrics.json (never another run's)."""
+    if run is None or not run.is_dir():
+        return
+    folder = OwnedFolder(run, RUN)
+    if not folder.owned:
+        return
+    path_json = run / "metrics.json"
+    try:
+        with folder.lock(exclusive=True, wait=False):
+            merged = read_json(path_json) if path_json.is_file() else {}
+            merged.update(out)
+            write_json(path_json, merged)
+    except CtrkitError as e:
+        if "in use by" not in str(e):
+            raise
+        print(f"ctrkit: {run} is being written by a training run; metrics.json not updated",
+              file=sys.stderr, flush=True)

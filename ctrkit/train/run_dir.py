@@ -1,0 +1,66 @@
+"""The run folder: refused when it would hold or sit inside an input, locked while a run writes
+it, and `train.overwrite` removes only what ctrkit wrote there (ctrkit/ownership.py)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+from ctrkit.config import Config
+from ctrkit.errors import CtrkitError
+from ctrkit.ownership import OwnedFolder, check_disjoint
+from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN
+
+RUN = "run folder"
+CHECKPOINTS = "checkpoints"
+# Everything a run writes, recorded in the manifest before it is written.
+RUN_FILES = ["config.yaml", "launch.yaml", "metrics.csv", "metrics.json", "curves.png",
+             "tb/events.out.tfevents.*", f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{MARKER}",
+             f"{CHECKPOINTS}/{RANK_PATTERN}", f"{CHECKPOINTS}/best.pt", f"{CHECKPOINTS}/best/*",
+             f"{CHECKPOINTS}/best.tmp/*", f"{CHECKPOINTS}/best.old/*"]
+RUN_DIRS = ["tb", CHECKPOINTS, f"{CHECKPOINTS}/best", f"{CHECKPOINTS}/best.tmp",
+            f"{CHECKPOINTS}/best.old"]
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    ck = Path(run_dir) / CHECKPOINTS
+    return (ck / LAST).is_file() or (ck / MARKER).is_file()
+
+
+def _inputs(cfg: Config) -> list:
+    from ctrkit.data.preprocess import SPLITS, split_files
+    paths = []
+    for s in SPLITS:
+        pattern = getattr(cfg.data, s)
+        if pattern:
+            with contextlib.suppress(CtrkitError):   # (a missing file is prepare's to report)
+                paths += split_files(pattern)
+    paths.append(Path(cfg.data.prepared_dir))
+    if cfg.train.init_from:
+        paths.append(Path(cfg.train.init_from))
+    return paths
+
+
+@contextlib.contextmanager
+def open_run_dir(cfg: Config) -> Iterator[Path]:
+    """The run folder of `cfg`, ready for a fresh run or a resume, exclusively locked in the
+    block: a second `train` into it fails at once, naming this process."""
+    run_dir = Path(cfg.train.run_dir)
+    tc = cfg.train
+    check_disjoint(run_dir, "train.run_dir", _inputs(cfg))
+    folder = OwnedFolder(run_dir, RUN)
+    if not folder.owned:   # never put even a lock file into a folder that is not ctrkit's
+        folder.check_replaceable("train.overwrite=true")
+    with folder.lock(exclusive=True, wait=False):
+        if tc.resume:
+            if not has_checkpoint(run_dir):
+                raise CtrkitError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS}/{LAST} "
+                                  f"or {CHECKPOINTS}/{MARKER})")
+        elif folder.contents():
+            if not tc.overwrite:
+                raise CtrkitError(f"{run_dir} is not empty; set train.resume=true to continue it "
+                                  "or train.overwrite=true to start over")
+            folder.check_replaceable("train.overwrite=true")
+            folder.clear()
+        folder.record(files=RUN_FILES, dirs=RUN_DIRS)
+        yield run_dir
