@@ -15,8 +15,10 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   FBGEMM="fbgemm-gpu-cpu==1.8.0"
 fi
-$PIP "torch==2.13.0" "$FBGEMM"
-$PIP --no-deps "torchrec==1.8.0"
-$PIP pyre-extensions tensordict tqdm iopath "torchmetrics==1.0.3"
-$PIP -e ".[dev]"
+# --no-warn-conflicts: pip would report torchrec's declared fbgemm-gpu as missing, which is the
+# point of installing fbgemm ourselves (it reads as a failure and is none).
+$PIP --no-warn-conflicts "torch==2.13.0" "$FBGEMM"
+$PIP --no-warn-conflicts --no-deps "torchrec==1.8.0"
+$PIP --no-warn-conflicts pyre-extensions tensordict tqdm iopath "torchmetrics==1.0.3"
+$PIP --no-warn-conflicts -e ".[dev]"
 echo "ctrkit installed in $VENV ($FBGEMM)"

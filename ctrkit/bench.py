@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from ctrkit.data.schema import Schema
 from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.layers import fm_interaction
+from ctrkit.ownership import OwnedFolder
 from ctrkit.optim.build import build_optimizers
 from ctrkit.train.ema import WeightEMA
 from ctrkit.train.memory import keep_freed_memory
@@ -208,7 +208,7 @@ def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 7) -> Dict[str, ob
         t = time.perf_counter()
         prepare(c, progress=False)
         t_prep.append(time.perf_counter() - t)
-        shutil.rmtree(pdir, ignore_errors=True)
+        OwnedFolder(pdir, "prepared folder").clear()   # (only what this prepare wrote)
     ratios = [a / b for a, b in zip(t_read, t_prep)]
     return {"file": str(path), "rows": rows,
             "pyarrow_read_rows_per_s": round(rows / statistics.median(t_read)),
@@ -439,7 +439,7 @@ def _train_and_clean(c: Config, run_dir: Path) -> dict:
     """
     from ctrkit.train.trainer import train
     m = train(c).metrics
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    OwnedFolder(run_dir, "run folder").clear_matching("checkpoints/*")   # (only ctrkit's files)
     return m
 
 

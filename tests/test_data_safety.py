@@ -102,6 +102,18 @@ def test_prepare_overwrite_keeps_user_files_and_siblings(capsys, raw, tmp_path):
     assert not [f for f in after if ".tmp-" in f]
 
 
+def test_synth_overwrite_replaces_only_its_own_files(capsys, tmp_path):
+    (tmp_path / "train.tsv").write_text("my data\n")
+    args = ["synth", f"synth.out_dir={tmp_path}", "synth.rows=200", "synth.valid_rows=0",
+            "synth.test_rows=0", "synth.overwrite=true", "--quiet"]
+    code, err = _run(capsys, *args)
+    assert code == 2 and "was not written by ctrkit synth" in err
+    assert (tmp_path / "train.tsv").read_text() == "my data\n"
+    (tmp_path / "train.tsv").unlink()
+    assert _run(capsys, *args)[0] == 0
+    assert _run(capsys, *args)[0] == 0          # its own output it may replace
+
+
 # ------------------------------------------------------------------ concurrency
 
 def _ctrkit(*argv, **kw):

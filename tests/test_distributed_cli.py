@@ -146,3 +146,75 @@ def test_torchrun_restarts_with_shared_store_are_refused(monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(CtrkitError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         init_distributed(Config())
+
+
+@pytest.mark.slow
+def test_rank_dying_before_its_checkpoint_restarts_from_a_step_every_rank_has(raw, tmp_path):
+    """Rank 1 dies as it starts to save step 10 while rank 0 has saved it: the step never counts
+    (no marker), both ranks restart from step 5 and end bit-identical to a run that never
+    failed."""
+    import os
+    base = _args(raw, tmp_path, "distributed.workers=2", "distributed.algorithm=damsgrad",
+                 "train.epochs=1", "train.eval_every=0", "train.checkpoint_every=5",
+                 "distributed.max_restarts=1", "--quiet")
+    full = [a.replace(str(tmp_path / "run"), str(tmp_path / "full")) for a in base]
+    env = dict(os.environ, CTRKIT_TEST_KILL="1:10:save")
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *base], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 12
+    _assert_uninterrupted_run_matches(full, tmp_path, steps=12)
+    left = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("last-step*"))
+    assert left == ["last-step00000012-rank0.pt", "last-step00000012-rank1.pt"]
+
+
+@pytest.mark.slow
+def test_hung_rank_is_named(raw, tmp_path):
+    """Rank 1 stops answering (SIGSTOP): rank 0 names it and the exchange within timeout_s plus a
+    few seconds; the launcher's line names it too."""
+    import os
+    import time
+    env = dict(os.environ, CTRKIT_TEST_HANG="1:3")
+    args = [a for a in _args(raw, tmp_path, "distributed.workers=2", "distributed.algorithm=damsgrad",
+                             "train.epochs=1", "--quiet") if not a.startswith("distributed.timeout_s")]
+    p = subprocess.Popen([sys.executable, "-m", "ctrkit", "train", *args, "distributed.timeout_s=5"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    t0 = time.time()
+    first = p.stderr.readline()        # rank 0's own line, as soon as it gives up
+    waited = time.time() - t0
+    _, rest = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert "rank 1 stopped answering" in first and "neighbour exchange" in first, first + rest
+    assert waited < 5 + 25, waited     # (start-up ~10 s + timeout 5 s)
+    last = rest.strip().splitlines()[-1]
+    assert "distributed run failed" in last and "rank 1 stopped answering" in last, rest
+    assert "Traceback" not in first + rest
+
+
+@pytest.mark.slow
+def test_sigint_to_a_distributed_run_is_one_line_and_resumable(raw, tmp_path):
+    import os
+    import signal
+    import time
+    base = _args(raw, tmp_path, "distributed.workers=2", "distributed.algorithm=damsgrad",
+                 "train.epochs=40", "train.eval_every=0", "--quiet")
+    p = subprocess.Popen([sys.executable, "-m", "ctrkit", "train", *base], stderr=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time()
+    while not (tmp_path / "run" / "metrics.csv").exists():
+        assert time.time() - t0 < 120
+        time.sleep(0.2)
+    time.sleep(3)
+    os.killpg(p.pid, signal.SIGINT)     # what Ctrl-C in a terminal does: every process gets it
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "resume with: ctrkit train" in lines[0], err
+    from ctrkit.train.checkpoint import marked_step
+    step = marked_step(tmp_path / "run" / "checkpoints")
+    assert step and step % 10 == 0 and _last(tmp_path / "run", 1).is_file()
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *base, "train.resume=true",
+                        "train.max_steps=" + str(step + 2)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("valid  AUC") == 1     # the final metrics, printed once

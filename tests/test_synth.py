@@ -23,7 +23,9 @@ def generated(tmp_path_factory):
 
 def test_files_and_format(generated):
     out, meta = generated
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.tsv", "train.tsv", "valid.tsv"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".ctrkit-")) == \
+        ["meta.json", "test.tsv", "train.tsv", "valid.tsv"]
+    assert (out / ".ctrkit-manifest.json").is_file()   # what overwrite may replace
     for name, n in (("train", 20_000), ("valid", 3000), ("test", 2000)):
         lines = (out / f"{name}.tsv").read_bytes().split(b"\n")
         assert lines[-1] == b""

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctrkit.errors import ConfigError, CtrkitError
+from ctrkit.ownership import OwnedFolder, atomic_path, atomic_write_text
 
 __all__ = ["write_synthetic", "CRITEO_CARDINALITIES"]
 
@@ -290,14 +290,18 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
     splits = {"train": int(rows), "valid": int(valid_rows), "test": int(test_rows)}
     todo = {name: n for name, n in splits.items() if n > 0}
     targets = [out / f"{name}.tsv" for name in todo] + [out / "meta.json"]
-    if not overwrite:
-        for path in targets:
-            if path.exists():
+    folder = OwnedFolder(out, "synthetic data folder")
+    for path in targets:
+        if path.exists():
+            if not overwrite:
                 raise CtrkitError(f"{path} exists; pass overwrite=true to replace it")
+            if not folder.owns(path.name):   # overwrite replaces only what synth wrote
+                raise CtrkitError(f"{path} was not written by ctrkit synth; overwrite never "
+                                  "replaces it: choose another synth.out_dir")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CtrkitError(f"cannot create {out}: {e.strerror or e}") from e
+        folder.record(files=[p.name for p in targets])
+    except (OSError, CtrkitError) as e:
+        raise CtrkitError(f"cannot create {out}: {getattr(e, 'strerror', None) or e}") from None
 
     model = _build_model(int(seed), float(pos_rate), float(card_scale), int(max_card))
     meta: dict = {
@@ -314,12 +318,11 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
     }
     for name, n in todo.items():
         path = out / f"{name}.tsv"
-        tmp = path.with_name(path.name + ".tmp")
         labels = np.empty(n, dtype=np.uint8)
         probs = np.empty(n, dtype=np.float32)
         bar = _progress_bar(n, name, progress)
         try:
-            with open(tmp, "wb") as fh:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # never a partial final file
                 for chunk_idx, start in enumerate(range(0, n, CHUNK_ROWS)):
                     m = min(CHUNK_ROWS, n - start)
                     data, y, p = _draw_chunk(model, int(seed), SPLIT_IDS[name], chunk_idx, m)
@@ -328,15 +331,11 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
                     probs[start:start + m] = p
                     if bar is not None:
                         bar.update(m)
-            os.replace(tmp, path)  # a partial file never has the final name
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         finally:
             if bar is not None:
                 bar.close()
         meta["pos_rate"][name] = float(labels.mean())
         meta["ceiling_auc"][name] = _auc(labels, probs)
         meta["ceiling_logloss"][name] = _logloss(labels, probs)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

@@ -106,6 +106,7 @@ def save_on_every_rank(folder: Path, state: Dict[str, Any], rank: int, world: in
     """The protocol above. `barrier` waits for every rank; `fault` is a test hook."""
     step = int(state["step"])
     path = rank_file(folder, step, rank)
+    fault("save")
     save_checkpoint(path, state)
     fault("saved")
     barrier()

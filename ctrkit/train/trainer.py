@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -602,13 +603,19 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
 
 def _injected_fault(step: int, rank: int, where: str = "step") -> None:
     """Test hook for torchrun restarts: CTRKIT_TEST_KILL="RANK:STEP" hard-kills that rank at that
-    step of the first attempt (no cleanup, like a lost machine); "RANK:STEP:saved" right after it
-    wrote its checkpoint file of that step, before the other ranks know."""
-    spec = os.environ.get("CTRKIT_TEST_KILL")
-    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        r, s, *at = spec.split(":")
-        if (int(r), int(s), at[0] if at else "step") == (rank, step, where):
-            os._exit(17)
+    step of the first attempt (no cleanup, like a lost machine); "RANK:STEP:save" as it starts to
+    save its checkpoint of that step, "RANK:STEP:saved" right after it wrote it. CTRKIT_TEST_HANG
+    stops the rank instead (SIGSTOP)."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    for var in ("CTRKIT_TEST_KILL", "CTRKIT_TEST_HANG"):   # HANG: SIGSTOP, a rank that hangs
+        spec = os.environ.get(var)
+        if spec:
+            r, s, *at = spec.split(":")
+            if (int(r), int(s), at[0] if at else "step") == (rank, step, where):
+                if var == "CTRKIT_TEST_HANG":
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                os._exit(17)
 
 
 def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
