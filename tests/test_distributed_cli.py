@@ -213,6 +213,7 @@ def test_sigint_to_a_distributed_run_is_one_line_and_resumable(raw, tmp_path):
     from ctrkit.train.checkpoint import marked_step
     step = marked_step(tmp_path / "run" / "checkpoints")
     assert step and step % 10 == 0 and _last(tmp_path / "run", 1).is_file()
+    assert f"interrupted at step {step}" in lines[0]
     r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *base, "train.resume=true",
                         "train.max_steps=" + str(step + 2)], capture_output=True, text=True,
                        timeout=300)

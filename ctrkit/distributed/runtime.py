@@ -78,7 +78,6 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from ctrkit.errors import Interrupted
     from ctrkit.ownership import atomic_write_text
 
     n = cfg.distributed.workers
@@ -91,20 +90,34 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
     # Each rendezvous round gets a fresh store: the shared one keeps the failed attempt's
     # addresses, and restarted ranks connect to them (pytorch/pytorch#135712).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.ERROR)   # its warnings about signals and failures repeat our line
+    # torch's elastic loggers: their warnings about signals and failures repeat our one line
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (creates its loggers)
+    elastic = [logging.getLogger(n) for n in ["torch.distributed.elastic",
+                                              *logging.root.manager.loggerDict]
+               if n.startswith("torch.distributed.elastic")]
+    levels = [lg.level for lg in elastic]
+    for lg in elastic:
+        lg.setLevel(logging.ERROR)
     try:
         run(args)
     except SignalException:
-        raise Interrupted(None, run_dir / "checkpoints") from None
+        raise _interrupted(run_dir) from None
     except ChildFailedError as e:
         failures = list(e.failures.values())
         if failures and all(f.exitcode == 130 for f in failures):
-            raise Interrupted(None, run_dir / "checkpoints") from None
+            raise _interrupted(run_dir) from None
         raise CtrkitError(f"distributed run failed: {_first_failure(failures) or e}") from None
     finally:
-        elastic.setLevel(level)
+        for lg, level in zip(elastic, levels):
+            lg.setLevel(level)
+
+
+def _interrupted(run_dir: Path) -> CtrkitError:
+    from ctrkit.errors import Interrupted
+    from ctrkit.train.checkpoint import MARKER, marked_step
+    folder = run_dir / "checkpoints"
+    step = marked_step(folder)
+    return Interrupted(step, folder / MARKER if step is not None else folder)
 
 
 def _first_failure(failures) -> Optional[str]:
