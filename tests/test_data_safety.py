@@ -316,9 +316,9 @@ def _wait_for(path, timeout=120):
 @pytest.mark.slow
 def test_sigint_saves_and_the_resumed_run_matches_an_uninterrupted_one(raw, tmp_path):
     import torch
-    args = _common(raw, tmp_path, "train.epochs=3", "train.batch_size=64",
+    args = _common(raw, tmp_path, "train.epochs=500", "train.batch_size=64",
                    "train.early_stop.enabled=false", "train.lr_plateau.enabled=false",
-                   "train.log_every=1")
+                   "train.log_every=1", "train.eval_every=100000")
     p = _ctrkit("train", *args)
     _wait_for(tmp_path / "run" / "metrics.csv")
     time.sleep(1.0)
@@ -329,15 +329,17 @@ def test_sigint_saves_and_the_resumed_run_matches_an_uninterrupted_one(raw, tmp_
     assert "resume with: ctrkit train" in err and "train.resume=true" in err
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert f"interrupted at step {saved['step']}" in err
-    assert 0 < saved["step"] < 3 * 40   # 2500 rows / 64 per step, 3 epochs
-    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *args, "train.resume=true"],
+    assert 0 < saved["step"] < 500 * 40   # 2500 rows / 64 per step
+    # continue to a few steps past the interruption; an uninterrupted run to the same step
+    total = f"train.max_steps={saved['step'] + 7}"
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *args, "train.resume=true", total],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     full = [a.replace(str(tmp_path / "run"), str(tmp_path / "full")) for a in args]
-    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *full], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "ctrkit", "train", *full, total],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     a = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
-    assert a["step"] == b["step"]
+    assert a["step"] == b["step"] == saved["step"] + 7
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
