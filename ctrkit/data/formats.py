@@ -5,10 +5,14 @@ delimiter, header, the source columns to read and their types, and the features 
 """
 from __future__ import annotations
 
+import bz2
+import codecs
+import csv
 import gzip
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from ctrkit.config import DataConfig, FeatureSpec
 from ctrkit.errors import DataError
@@ -45,11 +49,12 @@ class Layout:
     format: str
     delimiter: str
     header: bool
-    column_names: Optional[List[str]]    # names for headerless files (None: read from header)
+    column_names: Optional[List[str]]    # the file's columns (None: the parser reads the header)
     label: str
     features: List[Feature]
     numeric_sources: List[str] = field(default_factory=list)
     string_sources: List[str] = field(default_factory=list)
+    quoting: bool = True      # False: `"` is an ordinary character (Criteo/Avazu never quote)
 
     @property
     def sparse(self) -> List[Feature]:
@@ -71,23 +76,74 @@ class Layout:
                 and uses[c][0].derive is None and uses[c][0].fill is None]
 
     @property
+    def hour_sources(self) -> List[str]:
+        """Columns that must hold YYMMDDHH date-hours (the sources of derived features)."""
+        return sorted({f.source for f in self.features if f.derive})
+
+    @property
     def sources(self) -> List[str]:
         return [self.label] + self.numeric_sources + self.string_sources
 
 
-def open_text(path: Path):
-    """Text handle for plain or gzip files (the slow diagnostic path and header sniffing)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="")
-    return open(path, "r", newline="")
+# Leading bytes of compressed files: gzip and bz2 are read (whatever the file's name), the others
+# are refused with a message instead of being parsed as text.
+_MAGIC = [(b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"PK\x03\x04", "zip"),
+          (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")]
+
+
+def compression(path: Path) -> Optional[str]:
+    """"gzip", "bz2" or None (plain text), from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic) and (kind != "bz2" or head[3:4].isdigit()):
+            if kind not in ("gzip", "bz2"):
+                raise DataError(path, f"{kind} compressed data is not supported; decompress it "
+                                      "(plain, gzip and bz2 files are read)")
+            return kind
+    return None
+
+
+@contextmanager
+def open_text(path: Path) -> Iterator[Iterator[str]]:
+    """The decoded lines of a plain, gzip or bz2 file (the slow diagnostic path and header
+    sniffing). A UTF-8 byte order mark is dropped; bytes that are not UTF-8 raise a DataError
+    naming the line."""
+    kind = compression(path)
+    opener = {"gzip": gzip.open, "bz2": bz2.open}.get(kind, open)
+    with opener(path, "rb") as f:
+        yield _decoded(path, f)
+
+
+def _decoded(path: Path, f) -> Iterator[str]:
+    for n, raw in enumerate(f, 1):
+        if n == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(path, "not valid UTF-8 text", line=n) from None
 
 
 def first_line(path: Path) -> str:
     try:
-        with open_text(path) as f:
-            return f.readline().rstrip("\r\n")
-    except (OSError, EOFError) as e:
+        with open_text(path) as lines:
+            return next(lines, "").rstrip("\r\n")
+    except EOFError:
+        kind = compression(path)
+        raise DataError(path, f"truncated {kind} stream (ends before line 1)") from None
+    except OSError as e:
         raise DataError(path, f"cannot read ({e})") from None
+
+
+def delimiter_hint(line: str, delimiter: str) -> str:
+    """" (is the delimiter ','? the line contains ';')" for a line without the delimiter."""
+    if delimiter in line:
+        return ""
+    for d in (",", ";", "\t", "|"):
+        if d in line:
+            return f" (is the delimiter {delimiter!r}? the line contains {d!r})"
+    return ""
 
 
 def _looks_like_header(line: str, delimiter: str) -> bool:
@@ -104,21 +160,29 @@ def resolve_layout(cfg: DataConfig, path: Path) -> Layout:
     if not line:
         raise DataError(path, "file is empty")
     header = _looks_like_header(line, delim) if cfg.header == "auto" else bool(cfg.header)
-    names = [c.strip().strip('"') for c in line.split(delim)] if header else None
+    names = None
+    if header:
+        names = [c.strip().strip('"') for c in next(csv.reader([line], delimiter=delim))]
+    hint = delimiter_hint(line, delim)
     if cfg.format in ("criteo_tsv", "criteo_csv"):
-        return _criteo(cfg, delim, header, names, path)
+        return _criteo(cfg, delim, header, names, path, hint)
     if cfg.format == "avazu_csv":
-        return _avazu(cfg, delim, header, names, path)
-    return _generic(cfg, delim, header)
+        return _avazu(cfg, delim, header, names, path, hint)
+    layout = _generic(cfg, delim, header, names)
+    missing = [c for c in layout.sources if names is not None and c not in names]
+    if missing:
+        raise DataError(path, f"header lacks columns {missing[:5]}{hint}", line=1)
+    return layout
 
 
-def _criteo(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]], path: Path) -> Layout:
+def _criteo(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]], path: Path,
+            hint: str) -> Layout:
     label = "label"
     if names is not None:
         lower = {n.lower(): n for n in names}
         missing = [c for c in CRITEO_COLUMNS if c.lower() not in lower]
         if missing:
-            raise DataError(path, f"header lacks Criteo columns {missing[:5]}", line=1)
+            raise DataError(path, f"header lacks Criteo columns {missing[:5]}{hint}", line=1)
         label = lower["label"]
         dense = [lower[c.lower()] for c in CRITEO_DENSE]
         cat = [lower[c.lower()] for c in CRITEO_CAT]
@@ -128,31 +192,35 @@ def _criteo(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]
                      min_count=cfg.min_count) for c, s in zip(CRITEO_DENSE, dense)]
     feats += [Feature(name=c, kind="categorical", source=s, min_count=cfg.min_count)
               for c, s in zip(CRITEO_CAT, cat)]
-    return Layout(cfg.format, delim, header, None if header else CRITEO_COLUMNS, label, feats,
-                  numeric_sources=list(dense), string_sources=list(cat))
+    # Criteo values are integers and hex hashes: a `"` is a stray character, never a quote
+    return Layout(cfg.format, delim, header, names or CRITEO_COLUMNS, label, feats,
+                  numeric_sources=list(dense), string_sources=list(cat), quoting=False)
 
 
-def _avazu(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]], path: Path) -> Layout:
+def _avazu(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]], path: Path,
+           hint: str) -> Layout:
     cols = AVAZU_COLUMNS
     if names is not None:
         missing = [c for c in AVAZU_COLUMNS if c not in names]
         if missing:
-            raise DataError(path, f"header lacks Avazu columns {missing[:5]}", line=1)
+            raise DataError(path, f"header lacks Avazu columns {missing[:5]}{hint}", line=1)
     cat_cols = [c for c in cols if c not in ("id", "click", "hour")]
     feats = [Feature(name=n, kind="categorical", source="hour", derive=f"avazu_{n}",
                      min_count=cfg.min_count) for n in AVAZU_HOUR_FEATURES]
     feats += [Feature(name=c, kind="categorical", source=c, min_count=cfg.min_count) for c in cat_cols]
-    return Layout("avazu_csv", delim, header, None if header else cols, "click", feats,
-                  numeric_sources=[], string_sources=["hour"] + cat_cols)
+    return Layout("avazu_csv", delim, header, names or cols, "click", feats,
+                  numeric_sources=[], string_sources=["hour"] + cat_cols, quoting=False)
 
 
-def _generic(cfg: DataConfig, delimiter: str, header: bool) -> Layout:
+def _generic(cfg: DataConfig, delimiter: str, header: bool,
+             names: Optional[List[str]] = None) -> Layout:
     feats: List[Feature] = []
     for spec in cfg.features or []:
         feats.append(_feature_from_spec(spec, cfg))
     numeric = sorted({f.source for f in feats if f.kind == "numeric"})
     strings = sorted({f.source for f in feats if f.kind == "categorical"} - set(numeric))
-    names = None if header else [cfg.label] + [f.source for f in feats]
+    if not header:
+        names = [cfg.label] + [f.source for f in feats]
     return Layout(cfg.format, delimiter, header, names, cfg.label, feats,
                   numeric_sources=numeric, string_sources=strings)
 

@@ -1,16 +1,18 @@
 """Streaming raw-file reader on pyarrow's multithreaded CSV parser, with exact error locations.
 
 The fast path never looks at single rows in Python. When pyarrow rejects a file (wrong column
-count, a non-numeric value in a numeric column, a truncated gzip stream), a slow diagnostic pass
-re-reads the file line by line to name the exact line and field in a one-line `DataError`.
+count, a non-numeric value in a numeric column, a truncated gzip stream) or a batch holds a value
+that parses but cannot be used (an infinite number, an impossible date-hour), a slow diagnostic
+pass re-reads the file line by line to name the exact line and field in a one-line `DataError`.
 """
 from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -18,8 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ctrkit.data.formats import Layout, open_text
+from ctrkit.data.formats import Layout, compression, delimiter_hint, open_text
 from ctrkit.errors import DataError
+
+HOUR_FORMAT = "%y%m%d%H"
+NULLS = frozenset(pacsv.ConvertOptions().null_values)   # values the parser reads as missing
 
 
 @dataclass
@@ -40,18 +45,18 @@ class ReadStats:
                     rows_skipped=sum(self.skipped.values()), skipped=dict(self.skipped))
 
 
-def _csv_options(layout: Layout, block_mb: int, stats: ReadStats, skip_bad: bool, path: Path):
+def _csv_options(layout: Layout, block_mb: int, skip_bad: bool, invalid: List[int]):
     read = pacsv.ReadOptions(block_size=block_mb << 20, use_threads=True,
                              column_names=layout.column_names,
                              skip_rows=1 if (layout.header and layout.column_names) else 0)
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        if skip_bad:
-            stats.skip("wrong_column_count")
-            return "skip"
-        return "error"
+        invalid.append(row.number)   # (list.append is atomic: parser threads may call this)
+        return "skip"
 
-    parse = pacsv.ParseOptions(delimiter=layout.delimiter, invalid_row_handler=on_invalid)
+    parse = pacsv.ParseOptions(delimiter=layout.delimiter,
+                               quote_char='"' if layout.quoting else False,
+                               invalid_row_handler=on_invalid if skip_bad else None)
     types = {layout.label: pa.int64()}
     types.update({c: pa.float64() for c in layout.numeric_sources})
     types.update({c: pa.string() for c in layout.string_sources})
@@ -64,50 +69,91 @@ def _csv_options(layout: Layout, block_mb: int, stats: ReadStats, skip_bad: bool
     return read, parse, convert
 
 
-_NUMBER = r"^\s*[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|nan|NaN|inf|-inf)\s*$"
+_NUMBER = r"^[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|(?i:nan|inf|infinity))$"
+
+Check = Tuple[str, str, pa.Array]   # (skip reason, column, True where the row is fine; no nulls)
+
+
+def _bad_hours(col: pa.Array) -> pa.Array:
+    """The distinct non-null values that are not a real YYMMDDHH date-hour (the parser alone
+    accepts '1410210' and rolls '14023000' over to March 2)."""
+    values = pc.drop_null(pc.unique(col))
+    ts = pc.strptime(values, format=HOUR_FORMAT, unit="s", error_is_null=True)
+    ok = pc.fill_null(pc.equal(pc.strftime(ts, format=HOUR_FORMAT), values), False)
+    return values.filter(pc.invert(ok))
+
+
+def _value_checks(cols: Dict[str, pa.Array], layout: Layout) -> List[Check]:
+    """Values that parse but cannot be used: infinite numbers, impossible date-hours."""
+    checks = [("non_finite", c, pc.invert(pc.fill_null(pc.is_inf(cols[c]), False)))
+              for c in layout.numeric_sources]
+    for c in layout.hour_sources:
+        checks.append(("bad_hour", c, pc.invert(pc.is_in(cols[c], value_set=_bad_hours(cols[c])))))
+    return checks
+
+
+def _keep(checks: List[Check], stats: ReadStats) -> pa.Array:
+    """Rows passing every check; each other row is counted once, under its first failed check."""
+    keep = None
+    for reason, _, ok in checks:
+        bad = pc.invert(ok) if keep is None else pc.and_(keep, pc.invert(ok))
+        stats.skip(reason, pc.sum(bad).as_py() or 0)
+        keep = ok if keep is None else pc.and_(keep, ok)
+    return keep
 
 
 def _filter_bad_values(batch: pa.RecordBatch, layout: Layout, stats: ReadStats) -> pa.RecordBatch:
-    """skip_bad_rows mode: drop (and count) rows with a non-numeric number or a label not in {0,1}."""
-    lab = batch.column(layout.label)
-    good_label = pc.fill_null(pc.is_in(lab, value_set=pa.array(["0", "1"])), False)
-    keep = good_label
-    stats.skip("bad_label", len(lab) - pc.sum(good_label).as_py() if len(lab) else 0)
+    """skip_bad_rows mode: drop (and count) rows with a label not in {0,1}, a non-numeric or
+    infinite number, or a bad date-hour. Label and numerics arrive as text."""
+    cols = {name: batch.column(name) for name in batch.schema.names}
+    null = pa.scalar(None, pa.string())
+    ok = pc.is_in(cols[layout.label], value_set=pa.array(["0", "1"]))
+    checks = [("bad_label", layout.label, ok)]
+    cols[layout.label] = pc.cast(pc.if_else(ok, cols[layout.label], null), pa.int64())
     for c in layout.numeric_sources:
-        col = batch.column(c)
-        ok = pc.or_(pc.is_null(col), pc.match_substring_regex(col, _NUMBER))
-        ok = pc.fill_null(ok, True)
-        bad = pc.and_(keep, pc.invert(ok))
-        stats.skip("non_numeric", pc.sum(bad).as_py() or 0)
-        keep = pc.and_(keep, ok)
-    batch = batch.filter(keep)
-    cols = []
-    for name in batch.schema.names:
-        col = batch.column(name)
-        if name == layout.label:
-            col = pc.cast(col, pa.int64())
-        elif name in layout.numeric_sources:
-            col = pc.cast(pc.utf8_trim_whitespace(col), pa.float64())
-        cols.append(col)
-    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+        text = pc.utf8_trim_whitespace(cols[c])
+        ok = pc.fill_null(pc.match_substring_regex(text, _NUMBER), True)
+        checks.append(("non_numeric", c, ok))
+        cols[c] = pc.cast(pc.if_else(ok, text, null), pa.float64())
+    checks += _value_checks(cols, layout)
+    keep = _keep(checks, stats)
+    return pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols)).filter(keep)
 
 
 def iter_batches(path: Path, layout: Layout, block_mb: int, stats: ReadStats,
                  skip_bad: bool = False, whole_file_mb: int = 1024) -> Iterator[pa.RecordBatch]:
-    """Record batches of the needed columns; labels are checked to be 0/1."""
+    """Record batches of the needed columns, every value checked; each input row is counted in
+    `stats.rows_read` and is either yielded or counted as skipped."""
     if not path.exists():
         raise DataError(path, "file not found")
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     stats.files.append(str(path))
+    before = dict(stats.skipped)
     if layout.format == "parquet":
-        yield from _iter_parquet(path, layout, stats)
-        return
-    whole = path.stat().st_size <= whole_file_mb << 20
-    read, parse, convert = _csv_options(layout, block_mb, stats, skip_bad, path)
+        batches = _iter_parquet(path, layout, stats, skip_bad)
+    else:
+        batches = _iter_csv(path, layout, block_mb, stats, skip_bad, whole_file_mb)
     n_rows = 0
+    for batch in batches:
+        if batch.num_rows:
+            n_rows += batch.num_rows
+            yield batch
+    if n_rows == 0:
+        skipped = {k: n - before.get(k, 0) for k, n in stats.skipped.items()}
+        if any(skipped.values()):
+            why = ", ".join(f"{k} {n}" for k, n in skipped.items() if n)
+            raise DataError(path, f"every row was skipped ({why})")
+        raise DataError(path, "file has no data rows")
+
+
+def _iter_csv(path: Path, layout: Layout, block_mb: int, stats: ReadStats, skip_bad: bool,
+              whole_file_mb: int) -> Iterator[pa.RecordBatch]:
+    whole = path.stat().st_size <= whole_file_mb << 20
+    invalid: List[int] = []   # rows with a wrong column count (skip mode)
+    read, parse, convert = _csv_options(layout, block_mb, skip_bad, invalid)
     try:
-        stream = pa.input_stream(str(path), compression="detect")
+        stream = pa.input_stream(str(path), compression=compression(path))
         if whole:
             # Small enough to hold: read_csv parses all blocks in parallel (~2.5x the streaming
             # reader's speed here); larger files stream block by block in bounded memory.
@@ -124,23 +170,32 @@ def iter_batches(path: Path, layout: Layout, block_mb: int, stats: ReadStats,
             if skip_bad:
                 batch = _filter_bad_values(batch, layout, stats)
             else:
-                _check_labels(batch, layout, path)
-            n_rows += batch.num_rows
+                _check_values(batch, layout)
             yield batch
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, EOFError, KeyError) as e:
         raise diagnose(path, layout, str(e)) from None
-    if n_rows == 0 and not stats.skipped:
-        raise DataError(path, "file has no data rows")
+    stats.rows_read += len(invalid)
+    stats.skip("wrong_column_count", len(invalid))
 
 
-def _check_labels(batch: pa.RecordBatch, layout: Layout, path: Path) -> None:
+def _check_values(batch: pa.RecordBatch, layout: Layout) -> None:
+    """Strict mode: any bad value fails the read; `diagnose` then finds its line."""
     lab = batch.column(layout.label)
-    ok = pc.is_in(lab, value_set=pa.array([0, 1], pa.int64()))
-    if lab.null_count or not pc.all(ok).as_py():
-        raise pa.ArrowInvalid("label not in {0,1}")
+    bad = [layout.label] if lab.null_count or not pc.all(
+        pc.is_in(lab, value_set=pa.array([0, 1], pa.int64()))).as_py() else []
+    bad += [c for c in layout.numeric_sources if pc.any(pc.is_inf(batch.column(c))).as_py()]
+    bad += [c for c in layout.hour_sources if len(_bad_hours(batch.column(c)))]
+    if bad:
+        raise pa.ArrowInvalid(f"bad value in column {bad[0]}")
 
 
-def _iter_parquet(path: Path, layout: Layout, stats: ReadStats) -> Iterator[pa.RecordBatch]:
+_MESSAGES = {"bad_label": "label must be 0 or 1, got {!r}", "non_numeric": "not a number: {!r}",
+             "non_finite": "not a finite number: {!r}",
+             "bad_hour": "not a YYMMDDHH date-hour: {!r}"}
+
+
+def _iter_parquet(path: Path, layout: Layout, stats: ReadStats,
+                  skip_bad: bool) -> Iterator[pa.RecordBatch]:
     try:
         f = pq.ParquetFile(str(path))
     except (pa.ArrowInvalid, OSError) as e:
@@ -149,8 +204,15 @@ def _iter_parquet(path: Path, layout: Layout, stats: ReadStats) -> Iterator[pa.R
     if missing:
         raise DataError(path, f"columns {missing} not in file (has {f.schema_arrow.names[:8]}...)")
     row0 = 0
-    for batch in f.iter_batches(batch_size=262_144, columns=layout.sources):
-        cols = []
+    batches = f.iter_batches(batch_size=262_144, columns=layout.sources)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(path, f"not a readable parquet file ({e})".splitlines()[0]) from None
+        if batch is None:
+            return
+        cols = {}
         for name in batch.schema.names:
             col = batch.column(name)
             try:
@@ -163,54 +225,76 @@ def _iter_parquet(path: Path, layout: Layout, stats: ReadStats) -> Iterator[pa.R
                     col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise DataError(path, f"cannot convert ({e})".splitlines()[0], field=name) from None
-            if name == layout.label:
-                bad = np.flatnonzero(~np.isin(col.to_numpy(zero_copy_only=False), [0, 1]))
+            cols[name] = col
+        n = batch.num_rows
+        stats.rows_read += n
+        lab = pc.fill_null(pc.is_in(cols[layout.label], value_set=pa.array([0, 1], pa.int64())),
+                           False)
+        checks = [("bad_label", layout.label, lab)] + _value_checks(cols, layout)
+        batch = pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
+        if skip_bad:
+            batch = batch.filter(_keep(checks, stats))
+        else:
+            for reason, c, ok in checks:
+                bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
                 if len(bad):
-                    raise DataError(path, "label must be 0 or 1", line=row0 + int(bad[0]) + 1,
-                                    field=name)
-            cols.append(col)
-        stats.rows_read += batch.num_rows
-        row0 += batch.num_rows
-        yield pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+                    value = str(cols[c][int(bad[0])].as_py())
+                    raise DataError(path, _MESSAGES[reason].format(value),
+                                    line=row0 + int(bad[0]) + 1, field=c)
+        row0 += n
+        yield batch
 
 
-def _is_number(text: str) -> bool:
-    try:
-        return not math.isnan(float(text)) or text.strip().lower() == "nan"
-    except ValueError:
-        return False
+def _number_problem(text: str) -> Optional[str]:
+    if not re.match(_NUMBER, text):
+        return "non_numeric"
+    return "non_finite" if math.isinf(float(text)) else None
 
 
 def diagnose(path: Path, layout: Layout, arrow_msg: str) -> DataError:
-    """Re-read the file with Python's csv module to locate the first bad line and field."""
+    """Re-read the file with Python's csv module to locate the first bad line and field; the
+    checks mirror the fast path's."""
     names = layout.column_names
+    hours: Dict[str, bool] = {}
     line = 0
     try:
-        with open_text(path) as f:
-            rows = csv.reader(f, delimiter=layout.delimiter)
+        with open_text(path) as lines:
+            rows = csv.reader(lines, delimiter=layout.delimiter,
+                              quoting=csv.QUOTE_MINIMAL if layout.quoting else csv.QUOTE_NONE)
             for row in rows:
-                line += 1
+                line = rows.line_num
                 if line == 1 and layout.header:
-                    names = [c.strip() for c in row]
+                    names = names or [c.strip() for c in row]
                     continue
                 if not row:
                     continue
                 if names is None:
                     break
                 if len(row) != len(names):
-                    return DataError(path, f"expected {len(names)} columns, got {len(row)}", line=line)
+                    hint = delimiter_hint(row[0], layout.delimiter) if len(row) == 1 else ""
+                    return DataError(path, f"expected {len(names)} columns, got {len(row)}{hint}",
+                                     line=line)
                 rec = dict(zip(names, row))
                 lab = rec.get(layout.label, "").strip()
                 if lab not in ("0", "1"):
-                    return DataError(path, f"label must be 0 or 1, got {lab!r}", line=line,
+                    return DataError(path, _MESSAGES["bad_label"].format(lab), line=line,
                                      field=layout.label)
                 for c in layout.numeric_sources:
                     v = rec.get(c, "").strip()
-                    if v and not _is_number(v):
-                        return DataError(path, f"not a number: {v!r}", line=line, field=c)
+                    problem = None if v in NULLS else _number_problem(v)
+                    if problem:
+                        return DataError(path, _MESSAGES[problem].format(v), line=line, field=c)
+                for c in layout.hour_sources:
+                    v = rec.get(c, "")
+                    if v not in NULLS and v not in hours:
+                        hours[v] = len(_bad_hours(pa.array([v]))) == 0
+                    if v not in NULLS and not hours[v]:
+                        return DataError(path, _MESSAGES["bad_hour"].format(v), line=line, field=c)
+    except DataError as e:   # bytes that are not UTF-8
+        return e
     except EOFError:
-        return DataError(path, f"truncated gzip stream (ends after line {line})")
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return DataError(path, f"truncated {compression(path)} stream (ends after line {line})")
+    except (OSError, csv.Error) as e:
         return DataError(path, f"unreadable ({e})")
     first = arrow_msg.strip().splitlines()[0] if arrow_msg.strip() else "unreadable"
     return DataError(path, first)
