@@ -1,18 +1,26 @@
 """Typed configuration tree: YAML file + `key=value` overrides, validated with clear one-line errors."""
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator,
+                      model_validator)
 
 from ctrkit.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Adam's (beta1, beta2): torch needs each in [0, 1).
+Betas = Annotated[List[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]
 
 
 class FeatureSpec(_Strict):
@@ -32,7 +40,7 @@ class DataConfig(_Strict):
     valid: Optional[str] = None
     test: Optional[str] = None
     header: Literal["auto", True, False] = "auto"
-    delimiter: Optional[str] = None          # csv only; default ','
+    delimiter: Optional[str] = Field(default=None, min_length=1, max_length=1)  # csv only; default ','
     features: Optional[List[FeatureSpec]] = None
     label: str = "label"
     min_count: int = Field(default=1, ge=1)
@@ -52,7 +60,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(BaseModel):
-    """`name` picks a registered model; every other key is passed to its constructor."""
+    """`name` picks a registered model; every other key is passed to its constructor (checked
+    against the constructor's signature by `Config`, see `_model_keys_fit_the_constructor`)."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "deepfm"
@@ -62,10 +71,10 @@ class SparseOptConfig(_Strict):
     name: Literal["adam", "amsgrad", "rowwise_adagrad", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    betas: List[float] = [0.9, 0.999]
+    betas: Betas = [0.9, 0.999]
     eps: float = Field(default=1e-8, gt=0)
     rowwise: bool = False   # adam/amsgrad: one second-moment scalar per row
-    lr_overrides: Dict[str, float] = {}   # {module-path prefix: lr}, e.g. {linear: 1.0e-2}
+    lr_overrides: Dict[str, PositiveFloat] = {}   # {module-path prefix: lr}, e.g. {linear: 1.0e-2}
     fused: bool = False     # fbgemm TBE with the update fused into backward (rowwise_adagrad, adagrad, sgd)
 
     @model_validator(mode="after")
@@ -80,7 +89,7 @@ class DenseOptConfig(_Strict):
     name: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    betas: List[float] = [0.9, 0.999]
+    betas: Betas = [0.9, 0.999]
     eps: float = Field(default=1e-8, gt=0)
 
 
@@ -90,6 +99,13 @@ class ScheduleConfig(_Strict):
     warmup_steps: int = Field(default=0, ge=0)      # linear ramp from lr / warmup_steps to lr
     total_steps: int = Field(default=0, ge=0)       # 0: epochs x steps per epoch (max_steps does not count)
     final_ratio: float = Field(default=0.1, ge=0, le=1)   # lr at total_steps / peak lr
+
+    @model_validator(mode="after")
+    def _warmup_ends_before_the_decay(self) -> "ScheduleConfig":
+        if self.name != "constant" and 0 < self.total_steps <= self.warmup_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below "
+                             f"total_steps ({self.total_steps}): nothing would be left to decay")
+        return self
 
 
 class OptimizerConfig(_Strict):
@@ -124,7 +140,7 @@ class TrainConfig(_Strict):
     # auto: the GPU when torch sees one (rank r of a node takes cuda:<local rank>), else the CPU;
     # cpu; cuda; cuda:N (every rank on GPU N: only with gloo, e.g. several ranks on one GPU).
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)      # numpy's global seed is 32 bits
     shuffle: bool = True
     prefetch: int = Field(default=4, ge=0)            # batches prepared ahead in a background thread
     run_dir: str = "runs/default"
@@ -189,10 +205,10 @@ class SynthConfig(_Strict):
     rows: int = Field(default=200_000, ge=1)
     valid_rows: int = Field(default=20_000, ge=0)
     test_rows: int = Field(default=20_000, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     pos_rate: float = Field(default=0.25, gt=0, lt=1)
     card_scale: float = Field(default=1.0, gt=0)
-    max_card: int = Field(default=1_000_000, ge=2)
+    max_card: int = Field(default=1_000_000, ge=2, le=2**32)   # ids are 8 hex characters
     overwrite: bool = False
 
 
@@ -203,6 +219,26 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
     synth: SynthConfig = SynthConfig()
+
+    @model_validator(mode="after")
+    def _model_keys_fit_the_constructor(self) -> "Config":
+        """Validate the model section's keys with `constructor_arguments` and keep the validated
+        values (e.g. '16' -> 16), so a bad value fails here, naming its key, not inside torch."""
+        from ctrkit.models.registry import constructor_arguments   # lazy: imports torch and this module
+        try:
+            arguments = constructor_arguments(self.model.name)
+        except ConfigError as e:   # unknown model name
+            raise ValueError(str(e)) from None
+        given = self.model.model_extra or {}
+        try:
+            checked = arguments.model_validate(given)
+        except ValidationError as e:
+            known = ["name", *arguments.model_fields]
+            raise ValueError(_describe(e.errors()[0], ("model",), known,
+                                       f" for model '{self.model.name}'")) from None
+        for key in given:
+            setattr(self.model, key, getattr(checked, key))
+        return self
 
     @model_validator(mode="after")
     def _ema_needs_row_sparse_local_steps(self) -> "Config":
@@ -230,12 +266,48 @@ def ema_conflict(cfg: Config) -> Optional[str]:
     return None
 
 
-def _parse_value(text: str) -> Any:
-    """`key=value` values are YAML scalars/lists: `1e-3`, `true`, `[400,400]`, `null`."""
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):   # the base class reports it
+                continue
+            if key in seen:
+                raise _DuplicateKey(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_KEY = re.compile(r"[^.\s]+(\.[^.\s]+)*")   # a.b.c
+_WORD = re.compile(r"[^\s\[\]{}\"',]+")    # one word without YAML flow or quote characters
+
+
+def _parse_override(ov: str) -> Tuple[str, Any]:
+    """`key=value`; values are YAML (`1e-3`, `true`, `[400,400]`, `null`). A value that is not
+    valid YAML is an error unless it is one word (`@home`, `*.tsv`, kept as the string)."""
+    if "=" not in ov:
+        raise ConfigError(f"override '{ov}' must look like key=value")
+    key, text = ov.split("=", 1)
+    key = key.strip()
+    if not _KEY.fullmatch(key):
+        raise ConfigError(f"override '{ov}': the key must be a dotted path such as train.epochs")
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return key, yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"override '{ov}': {e.problem}") from None
+    except yaml.YAMLError as e:
+        if _WORD.fullmatch(text):
+            return key, text
+        raise ConfigError(f"override '{ov}': invalid YAML value ({getattr(e, 'problem', None) or e})") from None
 
 
 def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
@@ -251,15 +323,39 @@ def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_validation(err: ValidationError, origin: str) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-")) or "(root)"
+def _section_keys(loc: Sequence[Any]) -> List[str]:
+    """The keys of the config section at `loc` (list indices and union tags skipped)."""
+    node: Any = Config
+    for part in loc:
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:
+            node = _model_in(field.annotation)
+    return list(node.model_fields)
+
+
+def _model_in(tp: Any) -> Any:
+    """The config section class in an annotation such as Optional[List[FeatureSpec]]."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    return next((m for m in map(_model_in, get_args(tp)) if m is not None), None)
+
+
+def _describe(e: Dict[str, Any], prefix: Tuple[str, ...] = (), known: Optional[Sequence[str]] = None,
+              owner: str = "") -> str:
+    """One line for a pydantic error of the keys under `prefix`; an unknown key gets the closest
+    of `known` (default: the keys of its config section) as a suggestion."""
+    parts = prefix + tuple(x for x in e["loc"] if not str(x).startswith("function-"))
+    loc = ".".join(str(x) for x in parts) or "(root)"
     if e["type"] == "extra_forbidden":
-        return f"{origin}: unknown key '{loc}'"
+        known = _section_keys(parts[:-1]) if known is None else known
+        close = difflib.get_close_matches(str(parts[-1]), known, n=1)
+        section = "".join(f"{x}." for x in parts[:-1])
+        hint = f"did you mean '{section}{close[0]}'?" if close else f"known: {', '.join(known)}"
+        return f"unknown key '{loc}'{owner} ({hint})"
     got = e.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     msg = e["msg"].removeprefix("Value error, ")
-    return f"{origin}: {msg}" if loc == "(root)" else f"{origin}: {loc}: {msg}{got_s}"
+    return msg if loc == "(root)" else f"{loc}: {msg}{got_s}"
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
@@ -276,24 +372,23 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            problem = getattr(e, "problem", e)
+            what = problem if isinstance(e, _DuplicateKey) else f"invalid YAML ({problem})"
+            raise ConfigError(f"{p}{line}: {what}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         _resolve_paths(tree, p.resolve().parent)
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' must look like key=value")
-        k, v = ov.split("=", 1)
-        _set_path(tree, k.strip(), _parse_value(v))
+        _set_path(tree, *_parse_override(ov))
         origin = origin if path else "overrides"
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, origin)) from None
+        raise ConfigError(f"{origin}: {_describe(e.errors()[0])}") from None
     # Paths from overrides and defaults are relative to the working directory; made absolute
     # here so a config dumped into a run folder (e.g. for the launcher's ranks) still points at
     # the same files.

@@ -1,9 +1,10 @@
 """Logistic regression, FM and DeepFM. Each `forward(batch)` returns logits [B]."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Annotated, Mapping, Optional, Sequence
 
 import torch
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
 
 from ctrkit.data.loader import Batch
@@ -12,6 +13,9 @@ from ctrkit.errors import ConfigError
 from ctrkit.models.base import FieldEmbeddings, dense_width
 from ctrkit.models.layers import MLP, fm_interaction
 from ctrkit.models.registry import register_model
+
+# The constructors' annotations are checked when the config loads (registry.constructor_arguments).
+Dropout = Annotated[float, Field(ge=0, lt=1)]
 
 
 class _FirstOrder(nn.Module):
@@ -46,9 +50,11 @@ class LogisticRegression(nn.Module):
 
 @register_model("fm")
 class FM(nn.Module):
-    """Factorization machine: first order + pairwise interactions of field embeddings."""
+    """Factorization machine: first order + pairwise interactions of field embeddings.
+    `init_std` > 0: from all-zero embeddings the pairwise term's gradient is zero, they never move."""
 
-    def __init__(self, schema: Schema, embedding_dim: int = 16, init_std: float = 1e-4) -> None:
+    def __init__(self, schema: Schema, embedding_dim: PositiveInt = 16,
+                 init_std: PositiveFloat = 1e-4) -> None:
         super().__init__()
         if not schema.sparse:
             raise ConfigError("model fm needs categorical features")
@@ -67,10 +73,10 @@ class DeepFM(nn.Module):
     dense features, all sharing the embeddings. Features with an overridden dimension
     (`embedding_dims`) feed the MLP only: FM needs one common dimension."""
 
-    def __init__(self, schema: Schema, embedding_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.0,
-                 batch_norm: bool = False, embedding_dims: Optional[Mapping[str, int]] = None,
-                 init_std: float = 1e-4) -> None:
+    def __init__(self, schema: Schema, embedding_dim: PositiveInt = 16,
+                 hidden_units: Sequence[PositiveInt] = (400, 400, 400), dropout: Dropout = 0.0,
+                 batch_norm: bool = False, embedding_dims: Optional[Mapping[str, PositiveInt]] = None,
+                 init_std: NonNegativeFloat = 1e-4) -> None:
         super().__init__()
         if not schema.sparse:
             raise ConfigError("model deepfm needs categorical features")
