@@ -46,7 +46,7 @@ class DataConfig(_Strict):
     min_count: int = Field(default=1, ge=1)
     dense_transform: Literal["none", "log", "criteo_bucket"] = "log"
     prepared_dir: str = "data/prepared"
-    overwrite: bool = False                  # allow prepare to replace a non-empty prepared_dir
+    overwrite: bool = False                  # rebuild even an up-to-date prepared_dir (only ctrkit's files)
     skip_bad_rows: bool = False              # count and skip malformed rows instead of failing
     shard_rows: int = Field(default=1_000_000, ge=1)
     read_block_mb: int = Field(default=16, ge=1)
@@ -148,7 +148,7 @@ class TrainConfig(_Strict):
     # Start from a saved model's weights (a `.pt` checkpoint, or the torch.distributed.checkpoint
     # folder of a sharded run, which loads into any shard group size); optimizer state starts fresh.
     init_from: Optional[str] = None
-    overwrite: bool = False                           # allow a fresh run in a non-empty run_dir
+    overwrite: bool = False                           # start over in a run_dir (removes only ctrkit's files)
     log_every: int = Field(default=50, ge=1)
     progress: bool = True
     tensorboard: bool = True
@@ -300,6 +300,8 @@ def _parse_override(ov: str) -> Tuple[str, Any]:
     key = key.strip()
     if not _KEY.fullmatch(key):
         raise ConfigError(f"override '{ov}': the key must be a dotted path such as train.epochs")
+    if text in ("|", ">"):   # YAML block indicators, i.e. an empty string; meant: the character
+        return key, text
     try:
         return key, yaml.load(text, Loader=_Loader)
     except _DuplicateKey as e:

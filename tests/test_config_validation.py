@@ -177,3 +177,10 @@ def test_a_registered_models_annotations_are_checked(monkeypatch):
 def test_unknown_model_name_from_the_registry_stays_clear():
     with pytest.raises(ConfigError, match=r"model.name: unknown model 'nosuch' \(known: .*deepfm"):
         registry.get_model_class("nosuch")
+
+
+def test_a_pipe_delimiter_override_is_the_character():
+    from ctrkit.config import load_config
+    cfg = load_config(None, ["data.format=csv", "data.delimiter=|",
+                             "data.features=[{name: a, type: categorical}]"])
+    assert cfg.data.delimiter == "|"
