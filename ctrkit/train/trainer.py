@@ -22,9 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ctrkit.config import Config, dump_config, ema_conflict
-from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, gather_floats, init_distributed,
-                                        is_comm_failure, launch_workers, launched_by_torchrun,
-                                        network_average, shutdown)
+from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, comm_device, gather_floats,
+                                        init_distributed, is_comm_failure, launch_workers,
+                                        launched_by_torchrun, network_average, shutdown)
 from ctrkit.data.loader import BatchLoader
 from ctrkit.data.preprocess import open_prepared
 from ctrkit.data.schema import Schema
@@ -34,6 +34,7 @@ from ctrkit.models.fused import FusedEmbeddingBags, fuse_embeddings
 from ctrkit.optim.build import build_optimizers, worker_lr_scale
 from ctrkit.optim.decentralized import ALGORITHMS as DECENTRALIZED, choco_options
 from ctrkit.optim.schedule import apply_schedule
+from ctrkit.ownership import OwnedFolder, atomic_write_text, is_within
 from ctrkit.train.checkpoint import (LAST, last_rank_checkpoint, load_checkpoint, rng_state,
                                      save_checkpoint, save_on_every_rank, set_rng_state)
 from ctrkit.train.ema import WeightEMA, load_averaged_weights
@@ -42,11 +43,10 @@ from ctrkit.train.interrupt import StopSignals
 from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, read_json, write_json
 from ctrkit.train.run_dir import CHECKPOINTS, RUN, open_run_dir
-from ctrkit.ownership import OwnedFolder, atomic_write_text, is_within
 
 BEST = "best.pt"
-INTERRUPT_POLL = 10   # steps between the ranks' agreement on a stop signal
 BEST_SHARDED = "best"   # torch.distributed.checkpoint folder of a sharded run's best model
+INTERRUPT_POLL = 10   # steps between the ranks' agreement on a stop signal
 
 
 @dataclass
@@ -424,7 +424,6 @@ class Trainer:
             return signals.requested
         if self.step % INTERRUPT_POLL:
             return False
-        from ctrkit.distributed.runtime import comm_device
         t = torch.tensor([float(signals.requested)], device=comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
