@@ -69,7 +69,7 @@ def cmd_train(cfg, args) -> dict:
 
 def cmd_eval(cfg, args) -> dict:
     from ctrkit.train.trainer import evaluate
-    return evaluate(cfg, checkpoint=args.checkpoint)
+    return evaluate(cfg, checkpoint=args.checkpoint, progress=False if args.quiet else None)
 
 
 def cmd_demo(cfg, args) -> dict:
@@ -100,8 +100,15 @@ COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eva
             "demo": cmd_demo, "bench": cmd_bench}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line, like every other error (argparse prints its usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctrkit", description="Sparse CTR training on torchrec/fbgemm.")
+    p = _Parser(prog="ctrkit", description="Sparse CTR training on torchrec/fbgemm.")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"synth": "write synthetic Criteo-format data (synth.* keys)",
              "prepare": "raw files -> vocabularies, encoded shards, schema.json",
@@ -132,7 +139,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may sit anywhere on the line, also after options.
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = build_parser().parse_args([a for a in argv if a not in overrides])
+    try:
+        args = build_parser().parse_args([a for a in argv if a not in overrides])
+    except SystemExit as e:   # --help, or a usage error (already printed)
+        return e.code if isinstance(e.code, int) else 2
     launched = os.environ.get("CTRKIT_LAUNCHED") == "1"   # a rank started by `ctrkit train`
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
@@ -148,8 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   file=sys.stderr)
         return e.exit_code
     except (CtrkitError, OSError) as e:
-        if isinstance(e, OSError) and not is_disk_error(e):
-            raise
+        if isinstance(e, OSError) and not (is_disk_error(e) or e.filename):
+            raise   # (an OSError about no file is a bug: its traceback helps)
         msg = str(e) if isinstance(e, CtrkitError) else \
             f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}"
         report_rank_error(msg)

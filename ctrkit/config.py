@@ -56,6 +56,10 @@ class DataConfig(_Strict):
     def _generic_needs_features(self) -> "DataConfig":
         if self.format in ("csv", "parquet") and not self.features:
             raise ValueError(f"data.features is required for format '{self.format}'")
+        names = [f.name for f in self.features or []]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.features: feature name {twice[0]!r} is used twice")
         return self
 
 
@@ -375,6 +379,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
             raise ConfigError(f"{p}: config file not found")
         try:
             tree = yaml.load(p.read_text(), Loader=_Loader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""

@@ -80,6 +80,13 @@ def is_within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def check_folder(folder: Path, key: str) -> None:
+    """An output folder must be a folder (or not exist yet), and so must its parents."""
+    for p in [Path(folder), *Path(folder).parents]:
+        if p.exists() and not p.is_dir():
+            raise CtrkitError(f"{key}: {p} is a file, not a folder")
+
+
 def check_disjoint(folder: Path, key: str, inputs: Iterable[Path]) -> None:
     """An output folder may neither hold nor lie inside an input of the same command."""
     for p in inputs:

@@ -76,7 +76,7 @@ def _error(capsys, *argv):
     (["synth.seed=-1"], "synth.seed"),
     (["synth.max_card=4294967297"], "synth.max_card"),
     (["distributed.timeout_s=.inf"], "distributed.timeout_s: Input should be a finite number"),
-    (["data.delimiter=|"], "data.delimiter: String should have at least 1 character"),
+    (['data.delimiter=""'], "data.delimiter: String should have at least 1 character"),
     (["data.delimiter=;;"], "data.delimiter: String should have at most 1 character"),
     (["optimizer.schedule.name=cosine", "optimizer.schedule.warmup_steps=100",
       "optimizer.schedule.total_steps=100"],
@@ -184,3 +184,29 @@ def test_a_pipe_delimiter_override_is_the_character():
     cfg = load_config(None, ["data.format=csv", "data.delimiter=|",
                              "data.features=[{name: a, type: categorical}]"])
     assert cfg.data.delimiter == "|"
+
+
+def test_config_that_is_not_utf8_is_one_line(capsys, tmp_path):
+    from ctrkit.cli import main
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"train:\n  epochs: 2 # caf\xe9\n")
+    assert main(["prepare", str(p), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{p}: not UTF-8 text" in err and len(err.splitlines()) == 1
+
+
+def test_feature_names_must_be_unique():
+    from ctrkit.config import load_config
+    from ctrkit.errors import ConfigError
+    with pytest.raises(ConfigError, match="feature name 'c1' is used twice"):
+        load_config(None, ["data.format=csv", "data.features=[{name: c1, type: categorical}, "
+                           "{name: c1, type: numeric}]"])
+
+
+def test_topology_mistakes_name_the_key(capsys, tmp_path):
+    from ctrkit.cli import main
+    code = main(["train", f"train.run_dir={tmp_path / 'r'}", "distributed.workers=2",
+                 "distributed.algorithm=damsgrad", "distributed.topology=edges",
+                 "distributed.edges=[[0,5]]", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "distributed.edges: topology edge [0, 5]" in err

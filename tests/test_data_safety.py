@@ -343,3 +343,48 @@ def test_sigint_saves_and_the_resumed_run_matches_an_uninterrupted_one(raw, tmp_
     b = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
     assert a["step"] == b["step"] == saved["step"] + 7
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ------------------------------------------------------------------ found by the bad-input sweep
+
+def test_a_damaged_prepared_folder_is_prepared_again(capsys, raw, tmp_path):
+    args = [f"data.train={raw / 'train.tsv'}", f"data.prepared_dir={tmp_path / 'prep'}", "--quiet"]
+    assert _run(capsys, "prepare", *args)[0] == 0
+    shard = tmp_path / "prep" / "train" / "part-00000" / "sparse.npy"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    code, err = _run(capsys, "prepare", *args)
+    assert code == 0 and "train/part-00000/sparse.npy is cut short" in err
+    (tmp_path / "prep" / "vocab" / "C1.arrow").unlink()
+    code, err = _run(capsys, "prepare", *args)
+    assert code == 0 and "vocab/C1.arrow is missing" in err
+    from ctrkit.data.schema import Schema
+    assert Schema.load(tmp_path / "prep").damaged() is None
+
+
+@pytest.mark.parametrize("where", ["run", "prep"])
+def test_an_output_folder_that_is_a_file(capsys, raw, tmp_path, where):
+    (tmp_path / "afile").write_text("mine")
+    key = {"run": "train.run_dir", "prep": "data.prepared_dir"}[where]
+    for target in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        code, err = _run(capsys, "train", *_common(raw, tmp_path), f"{key}={target}")
+        assert code == 2 and f"{key}: {tmp_path / 'afile'} is a file, not a folder" in err
+        _one_line(err)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_resume_on_other_data_is_refused_before_touching_the_data(capsys, raw, tmp_path):
+    args = _common(raw, tmp_path, "train.epochs=1")
+    assert _run(capsys, "train", *args)[0] == 0
+    schema = (tmp_path / "prep" / "schema.json").read_bytes()
+    code, err = _run(capsys, "train", *args, "train.resume=true", "train.epochs=2",
+                     "data.min_count=2")
+    assert code == 2 and "train.resume: data.min_count was 1 in this run, is 2 now" in err
+    _one_line(err)
+    assert (tmp_path / "prep" / "schema.json").read_bytes() == schema
+
+
+def test_usage_errors_are_one_line(capsys):
+    for argv in (["prepare", "--nope"], ["eval", "--checkpoint"], ["frobnicate"]):
+        code, err = _run(capsys, *argv)
+        assert code == 2 and "error:" in err and "--help" in err
+        _one_line(err)

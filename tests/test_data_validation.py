@@ -348,4 +348,34 @@ def test_huge_finite_numbers(make_cfg, capsys, tmp_path):
     i4 = [f.name for f in s.dense].index("I4")
     assert np.isfinite(sh.dense).all() and abs(sh.dense[6, i4] - np.log1p(1e39)) < 1e-3
     err = _fails(capsys, tmp_path, p, "data.dense_transform=none")
-    assert "feature I4: value 1e+39 does not fit in float32" in err
+    assert f"{p}:7 field I4: '1e39' does not fit in float32" in err
+
+
+def test_a_value_beyond_float32_names_file_line_and_field(capsys, tmp_path):
+    from ctrkit.cli import main
+    from tests.conftest import LAPIS_CRITEO
+    lines = (LAPIS_CRITEO / "train.csv").read_text().splitlines()[:20]
+    f = lines[7].split("\t")
+    f[4] = "1e300"
+    lines[7] = "\t".join(f)
+    p = tmp_path / "big.tsv"
+    p.write_text("\n".join(lines) + "\n")
+    code = main(["prepare", f"data.train={p}", f"data.prepared_dir={tmp_path / 'out'}",
+                 "data.dense_transform=none", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{p}:8 field I4: '1e300' does not fit in float32" in err
+    assert main(["prepare", f"data.train={p}", f"data.prepared_dir={tmp_path / 'out2'}",
+                 "--quiet"]) == 0   # (the log transform takes it)
+
+
+def test_an_unclosed_quote_is_reported_where_its_row_starts(capsys, tmp_path):
+    from ctrkit.cli import main
+    p = tmp_path / "q.csv"
+    rows = ["label,a,b"] + [f"{i % 2},x{i},{i}.0" for i in range(30)]
+    rows[5] = '1,"x5,5.0'
+    p.write_text("\n".join(rows) + "\n")
+    code = main(["prepare", "data.format=csv", f"data.train={p}",
+                 f"data.prepared_dir={tmp_path / 'out'}", "--quiet",
+                 "data.features=[{name: a, type: categorical}, {name: b, type: numeric}]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{p}:6:" in err, err

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from ctrkit.config import DataConfig
 
 # data.* keys whose value changes what prepare writes (read_block_mb etc. only change its speed)
-_KEYS = ("format", "header", "delimiter", "label", "min_count", "dense_transform", "features",
+DATA_KEYS = ("format", "header", "delimiter", "label", "min_count", "dense_transform", "features",
          "skip_bad_rows", "shard_rows")
 
 
@@ -21,7 +21,7 @@ def _file(p: Path) -> dict:
 def fingerprint(dc: DataConfig, files: Dict[str, List[Path]]) -> dict:
     from ctrkit import __version__
     d = dc.model_dump(mode="json")
-    return {"ctrkit": __version__, "data": {k: d[k] for k in _KEYS},
+    return {"ctrkit": __version__, "data": {k: d[k] for k in DATA_KEYS},
             "inputs": {split: [_file(p) for p in fs] for split, fs in files.items()}}
 
 
@@ -32,7 +32,7 @@ def first_difference(old: Optional[dict], new: dict) -> Optional[str]:
         return "it records no fingerprint (prepared by an older ctrkit)"
     if old.get("ctrkit") != new["ctrkit"]:
         return f"it was prepared by ctrkit {old.get('ctrkit')}, this is {new['ctrkit']}"
-    for k in _KEYS:
+    for k in DATA_KEYS:
         a, b = old.get("data", {}).get(k), new["data"][k]
         if a != b:
             return f"data.{k} was {_short(a)} there, is {_short(b)} now"

@@ -81,6 +81,11 @@ class Layout:
         return sorted({f.source for f in self.features if f.derive})
 
     @property
+    def float32_sources(self) -> List[str]:
+        """Numeric columns used as they are (no log, no buckets): their values must fit float32."""
+        return sorted({f.source for f in self.dense if f.transform == "none"})
+
+    @property
     def sources(self) -> List[str]:
         return [self.label] + self.numeric_sources + self.string_sources
 

@@ -33,7 +33,7 @@ from ctrkit.data.fingerprint import first_difference, fingerprint
 from ctrkit.data.schema import MISSING_ID, OOV_ID, SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
 from ctrkit.data.shards import write_shards
 from ctrkit.errors import ConfigError, CtrkitError
-from ctrkit.ownership import OwnedFolder, check_disjoint, is_disk_error, write_error
+from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder, is_disk_error, write_error
 
 SPLITS = ("train", "valid", "test")
 
@@ -99,11 +99,8 @@ def _dense_column(chunks: List[pa.Array], f: Feature, rows: int) -> np.ndarray:
     if f.transform == "log":
         y = np.log1p(np.abs(x))
         np.copysign(y, x, out=x)
-    big = np.isinf(x)   # finite in the file (the reader refuses infinities), beyond float32
+    big = np.isinf(x)   # finite in the file, beyond float32 (the reader refuses those without log)
     if big.any():
-        if f.transform != "log":
-            raise CtrkitError(f"feature {f.name}: value {float(x64[big][0]):g} does not fit in "
-                              "float32; use dense_transform: log")
         x[big] = np.copysign(np.log1p(np.abs(x64[big])), x64[big])
     return x
 
@@ -203,7 +200,7 @@ def _up_to_date(out: Path, fp: dict) -> tuple:
         schema = Schema.load(out)
     except CtrkitError as e:
         return None, str(e)
-    why = first_difference(schema.source, fp)
+    why = first_difference(schema.source, fp) or schema.damaged()
     return (schema, None) if why is None else (None, why)
 
 
@@ -222,6 +219,7 @@ def open_prepared(cfg: Config, progress: bool = True) -> Iterator[Schema]:
     waits until the block ends. `data.overwrite` is ignored here (training uses up-to-date data)."""
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"overwrite": False})})
     out = Path(cfg.data.prepared_dir)
+    check_folder(out, "data.prepared_dir")
     folder = OwnedFolder(out, PREPARED)
     for _ in range(3):   # (another process may replace it between our prepare and our lock)
         if folder.owned:
@@ -246,6 +244,7 @@ def prepare(cfg: Config, progress: bool = True) -> Schema:
         raise ConfigError("data.train is required")
     files = {s: split_files(getattr(dc, s)) for s in SPLITS if getattr(dc, s)}
     out = Path(dc.prepared_dir)
+    check_folder(out, "data.prepared_dir")
     check_disjoint(out, "data.prepared_dir", [p for fs in files.values() for p in fs])
     folder = OwnedFolder(out, PREPARED)
     fp = fingerprint(dc, files)

@@ -87,6 +87,8 @@ def _value_checks(cols: Dict[str, pa.Array], layout: Layout) -> List[Check]:
     """Values that parse but cannot be used: infinite numbers, impossible date-hours."""
     checks = [("non_finite", c, pc.invert(pc.fill_null(pc.is_inf(cols[c]), False)))
               for c in layout.numeric_sources]
+    checks += [("too_large", c, pc.fill_null(pc.less_equal(pc.abs(cols[c]), FLOAT32_MAX), True))
+               for c in layout.float32_sources]
     for c in layout.hour_sources:
         checks.append(("bad_hour", c, pc.invert(pc.is_in(cols[c], value_set=_bad_hours(cols[c])))))
     return checks
@@ -185,13 +187,17 @@ def _check_values(batch: pa.RecordBatch, layout: Layout) -> None:
         pc.is_in(lab, value_set=pa.array([0, 1], pa.int64()))).as_py() else []
     bad += [c for c in layout.numeric_sources if pc.any(pc.is_inf(batch.column(c))).as_py()]
     bad += [c for c in layout.hour_sources if len(_bad_hours(batch.column(c)))]
+    bad += [c for c in layout.float32_sources
+            if pc.any(pc.greater(pc.abs(batch.column(c)), FLOAT32_MAX)).as_py()]
     if bad:
         raise pa.ArrowInvalid(f"bad value in column {bad[0]}")
 
 
 _MESSAGES = {"bad_label": "label must be 0 or 1, got {!r}", "non_numeric": "not a number: {!r}",
              "non_finite": "not a finite number: {!r}",
-             "bad_hour": "not a YYMMDDHH date-hour: {!r}"}
+             "bad_hour": "not a YYMMDDHH date-hour: {!r}",
+             "too_large": "{!r} does not fit in float32 (use dense_transform: log)"}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _iter_parquet(path: Path, layout: Layout, stats: ReadStats,
@@ -251,6 +257,13 @@ def _number_problem(text: str) -> Optional[str]:
     return "non_finite" if math.isinf(float(text)) else None
 
 
+def _too_large(text: str) -> bool:
+    try:
+        return abs(float(text)) > FLOAT32_MAX
+    except ValueError:   # (empty or missing: filled later)
+        return False
+
+
 def diagnose(path: Path, layout: Layout, arrow_msg: str) -> DataError:
     """Re-read the file with Python's csv module to locate the first bad line and field; the
     checks mirror the fast path's."""
@@ -262,7 +275,7 @@ def diagnose(path: Path, layout: Layout, arrow_msg: str) -> DataError:
             rows = csv.reader(lines, delimiter=layout.delimiter,
                               quoting=csv.QUOTE_MINIMAL if layout.quoting else csv.QUOTE_NONE)
             for row in rows:
-                line = rows.line_num
+                start, line = line + 1, rows.line_num   # (a quoted field may span lines)
                 if line == 1 and layout.header:
                     names = names or [c.strip() for c in row]
                     continue
@@ -273,23 +286,25 @@ def diagnose(path: Path, layout: Layout, arrow_msg: str) -> DataError:
                 if len(row) != len(names):
                     hint = delimiter_hint(row[0], layout.delimiter) if len(row) == 1 else ""
                     return DataError(path, f"expected {len(names)} columns, got {len(row)}{hint}",
-                                     line=line)
+                                     line=start)
                 rec = dict(zip(names, row))
                 lab = rec.get(layout.label, "").strip()
                 if lab not in ("0", "1"):
-                    return DataError(path, _MESSAGES["bad_label"].format(lab), line=line,
+                    return DataError(path, _MESSAGES["bad_label"].format(lab), line=start,
                                      field=layout.label)
                 for c in layout.numeric_sources:
                     v = rec.get(c, "").strip()
                     problem = None if v in NULLS else _number_problem(v)
+                    if not problem and c in layout.float32_sources and _too_large(v):
+                        problem = "too_large"
                     if problem:
-                        return DataError(path, _MESSAGES[problem].format(v), line=line, field=c)
+                        return DataError(path, _MESSAGES[problem].format(v), line=start, field=c)
                 for c in layout.hour_sources:
                     v = rec.get(c, "")
                     if v not in NULLS and v not in hours:
                         hours[v] = len(_bad_hours(pa.array([v]))) == 0
                     if v not in NULLS and not hours[v]:
-                        return DataError(path, _MESSAGES["bad_hour"].format(v), line=line, field=c)
+                        return DataError(path, _MESSAGES["bad_hour"].format(v), line=start, field=c)
     except DataError as e:   # bytes that are not UTF-8
         return e
     except EOFError:

@@ -6,12 +6,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from ctrkit.errors import CtrkitError
 from ctrkit.ownership import atomic_write_text
 
 SCHEMA_FILE = "schema.json"
 LAYOUT_VERSION = 2   # 2: row-major shards ([rows, features])
 OOV_ID, MISSING_ID = 0, 1   # every categorical vocabulary starts with these two ids
+
+
+def _complete_npy(path: Path) -> bool:
+    """Whether a .npy file holds as many bytes as its header promises."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+            return path.stat().st_size >= f.tell() + int(np.prod(shape)) * dtype.itemsize
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -53,6 +68,20 @@ class Schema:
     @property
     def dense(self) -> List[FeatureInfo]:
         return [f for f in self.features if f.kind == "dense"]
+
+    def damaged(self) -> Optional[str]:
+        """What is missing or cut short among the files schema.json names (None: all there)."""
+        root = Path(self.root)
+        names = [f"vocab/{f.name}.arrow" for f in self.sparse]
+        names += [f"{s}/{n}.npy" for split in self.splits.values() for s in split.shards
+                  for n in ("sparse", "dense", "label")]
+        for name in names:
+            path = root / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.suffix == ".npy" and not _complete_npy(path):
+                return f"{name} is cut short"
+        return None
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+import yaml
 
 from ctrkit.config import Config
+from ctrkit.data.fingerprint import DATA_KEYS
 from ctrkit.errors import CtrkitError
-from ctrkit.ownership import OwnedFolder, check_disjoint
+from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder
 from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN
 
 RUN = "run folder"
@@ -41,12 +44,28 @@ def _inputs(cfg: Config) -> list:
     return paths
 
 
+def _resume_conflict(run_dir: Path, cfg: Config) -> Optional[str]:
+    """How the data config differs from the one the run was trained with (its config.yaml).
+    Resuming on other data would also re-prepare the shared data the checkpoint was fitted to."""
+    path = run_dir / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text())["data"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    new = cfg.data.model_dump(mode="json")
+    for k in ("train", "valid", "test") + DATA_KEYS:
+        if old.get(k) != new.get(k):
+            return f"data.{k} was {old.get(k)!r} in this run, is {new.get(k)!r} now"
+    return None
+
+
 @contextlib.contextmanager
 def open_run_dir(cfg: Config) -> Iterator[Path]:
     """The run folder of `cfg`, ready for a fresh run or a resume, exclusively locked in the
     block: a second `train` into it fails at once, naming this process."""
     run_dir = Path(cfg.train.run_dir)
     tc = cfg.train
+    check_folder(run_dir, "train.run_dir")
     check_disjoint(run_dir, "train.run_dir", _inputs(cfg))
     folder = OwnedFolder(run_dir, RUN)
     if not folder.owned:   # never put even a lock file into a folder that is not ctrkit's
@@ -56,6 +75,10 @@ def open_run_dir(cfg: Config) -> Iterator[Path]:
             if not has_checkpoint(run_dir):
                 raise CtrkitError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS}/{LAST} "
                                   f"or {CHECKPOINTS}/{MARKER})")
+            why = _resume_conflict(run_dir, cfg)
+            if why:
+                raise CtrkitError(f"train.resume: {why}; resume with the run's own data config "
+                                  f"({run_dir / 'config.yaml'})")
         elif folder.contents():
             if not tc.overwrite:
                 raise CtrkitError(f"{run_dir} is not empty; set train.resume=true to continue it "

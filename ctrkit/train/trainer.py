@@ -559,8 +559,11 @@ def _check_distributed(cfg: Config) -> None:
                               f"'{dc.algorithm}'")
     if dc.workers > 1 or dc.topology == "edges":
         from ctrkit.comm.topology import build_topology
-        # the decentralized workers are the shard groups
-        build_topology(dc.topology, dc.workers // dc.shard_group_size, dc.edges)
+        try:   # the decentralized workers are the shard groups
+            build_topology(dc.topology, dc.workers // dc.shard_group_size, dc.edges)
+        except ConfigError as e:
+            key = "distributed.edges" if dc.topology == "edges" or dc.edges else "distributed.topology"
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
@@ -575,7 +578,7 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
     _check_distributed(cfg)
     if cfg.distributed.workers > 1 and not launched_by_torchrun():
         # The launcher holds the data's shared lock and the run folder's lock for its ranks.
-        with open_prepared(cfg, tc.progress), open_run_dir(cfg) as run_dir:
+        with open_run_dir(cfg) as run_dir, open_prepared(cfg, tc.progress):
             os.environ["CTRKIT_LAUNCHED"] = "1"
             try:
                 launch_workers(cfg, run_dir)
@@ -619,10 +622,10 @@ def _injected_fault(step: int, rank: int, where: str = "step") -> None:
 
 def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
     with contextlib.ExitStack() as hold:   # (the folders' locks, held until the run ends)
-        if env.is_main:
-            schema = hold.enter_context(open_prepared(cfg, cfg.train.progress))
+        if env.is_main:   # (the run folder first: a resume on other data must not re-prepare)
             run_dir = Path(cfg.train.run_dir) if os.environ.get("CTRKIT_LAUNCHED") else \
                 hold.enter_context(open_run_dir(cfg))
+            schema = hold.enter_context(open_prepared(cfg, cfg.train.progress))
         if env.active:
             dist.barrier()
         if not env.is_main:
@@ -670,9 +673,10 @@ def _run(cfg: Config, env: DistEnv, schema: Schema, run_dir: Path,
     return RunResult(metrics, run_dir, trainer.model)
 
 
-def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> dict:
+def evaluate(cfg: Config, checkpoint: Optional[str] = None,
+             progress: Optional[bool] = None) -> dict:
     """Evaluate a checkpoint (default: the run's best, else last) on valid and test."""
-    with open_prepared(cfg, cfg.train.progress) as schema:
+    with open_prepared(cfg, cfg.train.progress if progress is None else progress) as schema:
         return _evaluate_checkpoint(cfg, schema, checkpoint)
 
 
