@@ -607,7 +607,7 @@ def _injected_fault(step: int, rank: int, where: str = "step") -> None:
     """Test hook for torchrun restarts: CTRKIT_TEST_KILL="RANK:STEP" hard-kills that rank at that
     step of the first attempt (no cleanup, like a lost machine); "RANK:STEP:save" as it starts to
     save its checkpoint of that step, "RANK:STEP:saved" right after it wrote it. CTRKIT_TEST_HANG
-    stops the rank instead (SIGSTOP)."""
+    makes the rank stop answering instead (until the launcher's SIGTERM)."""
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     for var in ("CTRKIT_TEST_KILL", "CTRKIT_TEST_HANG"):   # HANG: SIGSTOP, a rank that hangs
@@ -615,8 +615,9 @@ def _injected_fault(step: int, rank: int, where: str = "step") -> None:
         if spec:
             r, s, *at = spec.split(":")
             if (int(r), int(s), at[0] if at else "step") == (rank, step, where):
-                if var == "CTRKIT_TEST_HANG":
-                    os.kill(os.getpid(), signal.SIGSTOP)
+                if var == "CTRKIT_TEST_HANG":   # answers nobody; dies when the launcher says so
+                    signal.signal(signal.SIGTERM, lambda *_: os._exit(17))
+                    time.sleep(3600)
                 os._exit(17)
 
 
