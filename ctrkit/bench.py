@@ -439,7 +439,7 @@ def _train_and_clean(c: Config, run_dir: Path) -> dict:
     """
     from ctrkit.train.trainer import train
     m = train(c).metrics
-    OwnedFolder(run_dir, "run folder").clear_matching("checkpoints/*")   # (only ctrkit's files)
+    OwnedFolder(run_dir, "run folder").clear(under="checkpoints")   # (only ctrkit's files)
     return m
 
 

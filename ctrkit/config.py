@@ -26,7 +26,8 @@ Betas = Annotated[List[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2,
 class FeatureSpec(_Strict):
     """One input column of a generic CSV/Parquet dataset."""
 
-    name: str
+    # (also a file name: vocab/<name>.arrow)
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=200)
     type: Literal["categorical", "numeric"]
     source: Optional[str] = None          # raw column name (default: name)
     fill: Optional[Union[str, float]] = None  # value for missing entries (numeric default 0)

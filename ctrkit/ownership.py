@@ -20,6 +20,8 @@ import fcntl
 import fnmatch
 import json
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -38,11 +40,27 @@ def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+_TMP_NAME = re.compile(r"\.(.+)\.tmp-\d+-[0-9a-f]{8}")
+_ENTRIES = ("files", "patterns", "dirs", "trees")
+
+
 def _target_of_tmp(name: str) -> Optional[str]:
-    """`x` for a temporary name `.x.tmp-...` (a leftover of a crashed write of `x`)."""
-    if name.startswith(".") and _TMP in name:
-        return name[1:name.index(_TMP)]
-    return None
+    """`x` for a temporary name `.x.tmp-<pid>-<8 hex>` that `atomic_path` made (a leftover of a
+    crashed write of `x`); None for any other name."""
+    m = _TMP_NAME.fullmatch(name)
+    return m.group(1) if m else None
+
+
+def _match(rel: str, pattern: str) -> bool:
+    """fnmatch one path segment at a time: `*` never crosses a `/`."""
+    a, b = rel.split("/"), pattern.split("/")
+    return len(a) == len(b) and all(fnmatch.fnmatchcase(x, y) for x, y in zip(a, b))
+
+
+def _inside(entry) -> bool:
+    """A manifest entry that names something inside the folder (relative, no `..`)."""
+    return (isinstance(entry, str) and entry != "" and not entry.startswith("/")
+            and ".." not in entry.split("/") and "\\" not in entry)
 
 
 @contextlib.contextmanager
@@ -100,7 +118,13 @@ def check_disjoint(folder: Path, key: str, inputs: Iterable[Path]) -> None:
 
 
 class OwnedFolder:
-    """A folder ctrkit writes into; `kind` names it in messages ("run folder", ...)."""
+    """A folder ctrkit writes into; `kind` names it in messages ("run folder", ...).
+
+    The manifest holds `files` (names, compared literally), `patterns` (fnmatch patterns matched
+    one path segment at a time, e.g. `tb/events.out.tfevents.*`), `dirs` (folders ctrkit made,
+    removed when left empty) and `trees` (folders ctrkit made whole, e.g. a temporary folder
+    with a unique name: everything in them is ctrkit's). A manifest of another kind owns
+    nothing here: a run folder is never cleared as a prepared folder."""
 
     def __init__(self, root: Path, kind: str) -> None:
         self.root, self.kind = Path(root), kind
@@ -110,44 +134,70 @@ class OwnedFolder:
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 
-    def _manifest(self) -> dict:
+    def _read(self) -> dict:
         try:
             d = json.loads(self.manifest_path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
             raise CtrkitError(f"{self.manifest_path}: unreadable manifest ({e})") from None
-        return d if isinstance(d, dict) else {}
+        if not isinstance(d, dict):
+            raise CtrkitError(f"{self.manifest_path}: unreadable manifest (not an object)")
+        for key in _ENTRIES:   # (an edited manifest never reaches outside the folder)
+            d[key] = [e for e in d.get(key, []) if _inside(e)]
+        return d
+
+    def _entries(self) -> dict:
+        d = self._read()
+        return d if d.get("kind") == self.kind else {}
 
     @property
     def owned(self) -> bool:
-        """The folder has a manifest: ctrkit wrote here."""
-        return self.manifest_path.is_file()
+        """The folder has a manifest of this kind: ctrkit wrote here."""
+        return bool(self._entries())
 
     @property
     def manifest_kind(self) -> Optional[str]:
-        return self._manifest().get("kind")
+        return self._read().get("kind")
 
-    def record(self, files: Sequence[str] = (), dirs: Sequence[str] = ()) -> None:
-        """Add names (patterns relative to the folder) to the manifest, before writing them."""
-        d = self._manifest()
-        d.setdefault("kind", self.kind)
-        new_files = list(dict.fromkeys(list(d.get("files", [])) + list(files)))
-        new_dirs = list(dict.fromkeys(list(d.get("dirs", [])) + list(dirs)))
-        if new_files == d.get("files") and new_dirs == d.get("dirs"):
+    def _check_kind(self) -> None:
+        kind = self.manifest_kind
+        if kind is not None and kind != self.kind:
+            raise CtrkitError(f"{self.root} is a ctrkit {kind}, not a {self.kind}; choose another "
+                              "folder")
+
+    def record(self, files: Sequence[str] = (), patterns: Sequence[str] = (),
+               dirs: Sequence[str] = (), trees: Sequence[str] = ()) -> None:
+        """Add names relative to the folder to the manifest, before writing them."""
+        self._check_kind()
+        d = self._read()
+        new = {"kind": self.kind}
+        for key, extra in zip(_ENTRIES, (files, patterns, dirs, trees)):
+            new[key] = list(dict.fromkeys(list(d.get(key, [])) + list(extra)))
+        if new == {k: d.get(k, []) if k != "kind" else d.get("kind") for k in new}:
             return
-        d["files"], d["dirs"] = new_files, new_dirs
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.manifest_path, json.dumps(d, indent=1))
+        atomic_write_text(self.manifest_path, json.dumps(new, indent=1))
+
+    def reset(self, files: Sequence[str] = (), patterns: Sequence[str] = (),
+              dirs: Sequence[str] = (), trees: Sequence[str] = ()) -> None:
+        """Make the manifest list exactly these names (after the old ones were cleared)."""
+        self._check_kind()
+        new = {"kind": self.kind, "files": list(files), "patterns": list(patterns),
+               "dirs": list(dirs), "trees": list(trees)}
+        atomic_write_text(self.manifest_path, json.dumps(new, indent=1))
 
     def owns(self, rel: str) -> bool:
         if rel in (MANIFEST, LOCK):
             return True
-        patterns = self._manifest().get("files", [])
+        d = self._entries()
+        if any(rel.startswith(t + "/") for t in d.get("trees", [])):
+            return True
         head, _, name = rel.rpartition("/")
         target = _target_of_tmp(name)
         names = [rel] + ([f"{head}/{target}" if head else target] if target else [])
-        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+        return any(n in d.get("files", []) or any(_match(n, p) for p in d.get("patterns", []))
+                   for n in names)
 
     def files(self) -> List[str]:
         """Every file (and link) under the folder, relative, sorted."""
@@ -169,6 +219,7 @@ class OwnedFolder:
     def check_replaceable(self, how: str) -> None:
         """Refuse unless every file in the folder is one ctrkit recorded. `how` says what the
         user asked for ("train.overwrite=true", ...)."""
+        self._check_kind()
         stray = self.foreign() if self.root.is_dir() else None
         if stray is None:
             return
@@ -176,42 +227,36 @@ class OwnedFolder:
             raise CtrkitError(f"{self.root} is not empty and is not a ctrkit {self.kind} (it holds "
                               f"{stray}); {how} only replaces what ctrkit wrote: choose another "
                               "folder")
-        if stray is not None:
-            raise CtrkitError(f"{self.root} holds {stray}, which ctrkit did not write; {how} "
-                              "never deletes it: move it away or choose another folder")
+        raise CtrkitError(f"{self.root} holds {stray}, which ctrkit did not write; {how} "
+                          "never deletes it: move it away or choose another folder")
 
-    def clear(self, keep: Optional[str] = None) -> None:
-        """Remove the files ctrkit recorded (and leftovers of its interrupted writes), then the
-        recorded folders that are left empty. Nothing else is touched; paths starting with `keep`
-        stay."""
-        self.clear_matching("*", keep)
-
-    def clear_matching(self, pattern: str, keep: Optional[str] = None) -> None:
-        """`clear()` restricted to the owned paths that match `pattern`."""
+    def clear(self, keep: Optional[str] = None, under: Optional[str] = None) -> None:
+        """Remove the files ctrkit recorded (and leftovers of its interrupted writes) and its
+        trees, then the recorded folders left empty. Nothing else is touched. `keep`: a tree to
+        leave; `under`: only paths inside this sub-folder."""
+        d = self._entries()
+        if not d:
+            return
+        inside = (lambda rel: rel.startswith(under + "/")) if under else (lambda rel: True)
+        for tree in d.get("trees", []):
+            if tree != keep and inside(tree):
+                self.remove_tree(tree)
         for rel in self.files():
-            if (rel not in (MANIFEST, LOCK) and fnmatch.fnmatchcase(rel, pattern)
-                    and not (keep and rel.startswith(keep)) and self.owns(rel)):
+            if rel not in (MANIFEST, LOCK) and inside(rel) and self.owns(rel) and \
+                    not (keep and rel.startswith(keep + "/")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / rel)
-        dirs = sorted(self._manifest().get("dirs", []), key=lambda s: -s.count("/"))
-        for rel in dirs:
-            if fnmatch.fnmatchcase(rel, pattern) and not (keep and (rel + "/").startswith(keep)):
-                self._remove_empty_tree(self.root / rel)
+        for rel in sorted(d.get("dirs", []), key=lambda x: -x.count("/")):
+            if inside(rel):
+                with contextlib.suppress(OSError):   # (only when empty)
+                    os.rmdir(self.root / rel)
 
-    def reset(self, files: Sequence[str], dirs: Sequence[str]) -> None:
-        """Make the manifest list exactly these names (after the old ones were cleared)."""
-        d = self._manifest()
-        d.update(kind=d.get("kind", self.kind), files=list(files), dirs=list(dirs))
-        atomic_write_text(self.manifest_path, json.dumps(d, indent=1))
-
-    @staticmethod
-    def _remove_empty_tree(path: Path) -> None:
-        """rmdir `path` and its sub-folders bottom-up, where empty (never a file)."""
-        if not path.is_dir() or path.is_symlink():
-            return
-        for dirpath, _, _ in sorted(os.walk(path), key=lambda t: -t[0].count(os.sep)):
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)
+    def remove_tree(self, tree: str) -> None:
+        """A folder ctrkit made whole (recorded under `trees`), with everything in it."""
+        if tree in self._entries().get("trees", []):
+            path = self.root / tree
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------ lock
     @contextlib.contextmanager
@@ -219,9 +264,18 @@ class OwnedFolder:
              waiting_message: Optional[str] = None) -> Iterator[None]:
         """Hold the folder's lock in the block. `wait=False`: a busy folder is a one-line error
         naming the holder; `wait=True`: block (printing `waiting_message` once)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if exclusive or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # a read-only shared folder (nobody can replace it): read it without a lock
+            if not path.exists():
+                yield
+                return
+            fd = os.open(path, os.O_RDONLY)
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
@@ -235,7 +289,7 @@ class OwnedFolder:
                 if waiting_message:
                     print(f"ctrkit: {waiting_message} ({holder})", file=sys.stderr, flush=True)
                 fcntl.flock(fd, mode)
-            if exclusive:
+            if exclusive:   # (flock works on a read-only descriptor; only exclusive ones write)
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, _holder_text().encode(), 0)
             yield

@@ -388,3 +388,72 @@ def test_usage_errors_are_one_line(capsys):
         code, err = _run(capsys, *argv)
         assert code == 2 and "error:" in err and "--help" in err
         _one_line(err)
+
+
+# ------------------------------------------------------------------ found by review
+
+def test_a_ctrkit_folder_of_another_kind_is_never_cleared(capsys, raw, tmp_path):
+    args = _common(raw, tmp_path, "train.epochs=1")
+    assert _run(capsys, "train", *args)[0] == 0
+    run, prep = tmp_path / "run", tmp_path / "prep"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = _run(capsys, "prepare", f"data.train={raw / 'train.tsv'}",
+                     f"data.prepared_dir={run}", "--quiet")
+    assert code == 2 and "is a ctrkit run folder, not a prepared folder" in err
+    code, err = _run(capsys, "train", *args, f"train.run_dir={prep}", "train.overwrite=true")
+    assert code == 2   # (the prepared folder is an input of the run, and not a run folder)
+    assert prep.joinpath("schema.json").is_file()
+    code, err = _run(capsys, "synth", f"synth.out_dir={prep}", "synth.rows=100",
+                     "synth.overwrite=true", "--quiet")
+    assert code == 2 and "is a ctrkit prepared folder, not a synthetic data folder" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_patterns_do_not_reach_user_files(capsys, raw, tmp_path):
+    args = _common(raw, tmp_path, "train.epochs=1")
+    assert _run(capsys, "train", *args)[0] == 0
+    run = tmp_path / "run"
+    mine = [run / "checkpoints" / "best" / "README", run / ".config.yaml.tmp-backup",
+            run / "tb" / "events.out.tfevents.keep" / "x.txt"]
+    for p in mine:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("mine")
+        code, err = _run(capsys, "train", *args, "train.overwrite=true")
+        assert code == 2 and "ctrkit did not write" in err, (p, err)
+        assert p.read_text() == "mine"
+        p.unlink()
+    # a manifest edited to reach outside the folder is not followed
+    outside = tmp_path / "userempty" / "a"
+    outside.mkdir(parents=True)
+    m = json.loads((run / ".ctrkit-manifest.json").read_text())
+    m["dirs"] += ["../userempty/a", str(outside)]
+    m["files"] += ["../train.tsv"]
+    (run / ".ctrkit-manifest.json").write_text(json.dumps(m))
+    assert _run(capsys, "train", *args, "train.overwrite=true")[0] == 0
+    assert outside.is_dir()
+
+
+def test_feature_names_cannot_leave_the_prepared_folder(capsys, tmp_path):
+    code, err = _run(capsys, "prepare", "data.format=csv", f"data.train={tmp_path / 'x.csv'}",
+                     "data.features=[{name: ../../victim, source: a, type: categorical}]")
+    assert code == 2 and "data.features.0.name" in err
+
+
+def test_eval_on_other_data_leaves_the_runs_metrics(capsys, raw, tmp_path):
+    args = _common(raw, tmp_path, "train.epochs=1")
+    assert _run(capsys, "train", *args)[0] == 0
+    mine = (tmp_path / "run" / "metrics.json").read_bytes()
+    code = main(["eval", *args, f"data.valid={raw / 'train.tsv'}",
+                 f"data.prepared_dir={tmp_path / 'prep2'}"])
+    err = capsys.readouterr().err
+    assert code == 0 and "metrics.json not updated" in err
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == mine
+
+
+def test_resume_with_another_number_of_workers_is_refused(capsys, raw, tmp_path):
+    args = _common(raw, tmp_path, "train.epochs=1")
+    assert _run(capsys, "train", *args)[0] == 0
+    code, err = _run(capsys, "train", *args, "train.resume=true", "distributed.workers=2",
+                     "distributed.algorithm=damsgrad")
+    assert code == 2 and "checkpointed by a single process, not by distributed.workers=2" in err
+    _one_line(err)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -277,10 +276,8 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
     """Write everything into a temporary folder of this process inside `folder`, then swap it in:
     the old owned files go, the new ones are renamed into place, schema.json last."""
     dc, out = cfg.data, folder.root
-    folder.record(files=[".tmp-prepare-*"])
-    folder.clear_matching(".tmp-prepare-*")   # leftovers of a killed prepare (we hold the lock)
     tmp = out / f".tmp-prepare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    folder.record(dirs=[tmp.name])
+    folder.record(trees=[tmp.name])   # (before it exists: a killed prepare leaves an owned tree)
     tmp.mkdir()
     t0 = time.time()
     try:
@@ -291,18 +288,18 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
         new = OwnedFolder(tmp, PREPARED).files()
         new_dirs = sorted({str(a) for f in new for a in Path(f).parents if str(a) != "."})
         folder.record(files=new, dirs=new_dirs)   # before they appear: a crash leaves owned files
-        folder.clear(keep=tmp.name + "/")
+        folder.clear(keep=tmp.name)   # (the old output, and trees of killed prepares)
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == SCHEMA_FILE):
             os.replace(entry, out / entry.name)   # schema.json last: it makes the folder valid
         tmp.rmdir()
-        folder.reset(files=[".tmp-prepare-*"] + new, dirs=new_dirs)
+        folder.reset(files=new, dirs=new_dirs)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.remove_tree(tmp.name)
         if is_disk_error(e):
             raise write_error(Path(e.filename or out), e) from None
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # (this process's own temporary folder)
+        folder.remove_tree(tmp.name)   # (this process's own temporary folder)
         raise
     schema.root = out
     return schema

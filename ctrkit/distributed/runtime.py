@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     use_device(device)
     if not launched_by_torchrun():
         return DistEnv(device=device)
+    _die_with_launcher()
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     if cfg.distributed.workers not in (1, world):
@@ -60,6 +62,19 @@ def init_distributed(cfg: Config) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
     return DistEnv(rank, world, device)
+
+
+def _die_with_launcher() -> None:
+    """A rank started by `ctrkit train` dies with it (Linux): an orphaned rank would go on
+    writing into a run folder whose lock died with the launcher."""
+    launcher = os.environ.get("CTRKIT_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):                 # (it died before we asked)
+        os._exit(1)
 
 
 def comm_device() -> torch.device:
@@ -98,6 +113,7 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
     levels = [lg.level for lg in elastic]
     for lg in elastic:
         lg.setLevel(logging.ERROR)
+    os.environ["CTRKIT_LAUNCHER_PID"] = str(os.getpid())   # (the ranks' parent)
     try:
         run(args)
     except SignalException:
@@ -108,6 +124,7 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
             raise _interrupted(run_dir) from None
         raise CtrkitError(f"distributed run failed: {_first_failure(failures) or e}") from None
     finally:
+        os.environ.pop("CTRKIT_LAUNCHER_PID", None)
         for lg, level in zip(elastic, levels):
             lg.setLevel(level)
 

@@ -83,15 +83,21 @@ def rank_file(folder: Path, step: int, rank: int) -> Path:
     return Path(folder) / f"last-step{step:08d}-rank{rank}.pt"
 
 
-def marked_step(folder: Path) -> Optional[int]:
-    """The newest step every rank has written (None: no distributed checkpoint)."""
+def read_marker(folder: Path) -> Optional[Dict[str, int]]:
+    """{"step": the newest step every rank has written, "world": their number}, or None."""
     path = Path(folder) / MARKER
     try:
-        return int(json.loads(path.read_text())["step"])
+        d = json.loads(path.read_text())
+        return {"step": int(d["step"]), "world": int(d["world"])}
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CtrkitError(f"{path}: unreadable checkpoint marker ({e})") from None
+
+
+def marked_step(folder: Path) -> Optional[int]:
+    m = read_marker(folder)
+    return None if m is None else m["step"]
 
 
 def last_rank_checkpoint(folder: Path, rank: int) -> Optional[Path]:

@@ -12,17 +12,17 @@ from ctrkit.config import Config
 from ctrkit.data.fingerprint import DATA_KEYS
 from ctrkit.errors import CtrkitError
 from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder
-from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN
+from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN, read_marker
 
 RUN = "run folder"
 CHECKPOINTS = "checkpoints"
 # Everything a run writes, recorded in the manifest before it is written.
 RUN_FILES = ["config.yaml", "launch.yaml", "metrics.csv", "metrics.json", "curves.png",
-             "tb/events.out.tfevents.*", f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{MARKER}",
-             f"{CHECKPOINTS}/{RANK_PATTERN}", f"{CHECKPOINTS}/best.pt", f"{CHECKPOINTS}/best/*",
-             f"{CHECKPOINTS}/best.tmp/*", f"{CHECKPOINTS}/best.old/*"]
-RUN_DIRS = ["tb", CHECKPOINTS, f"{CHECKPOINTS}/best", f"{CHECKPOINTS}/best.tmp",
-            f"{CHECKPOINTS}/best.old"]
+             f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{MARKER}", f"{CHECKPOINTS}/best.pt"]
+RUN_PATTERNS = ["tb/events.out.tfevents.*", f"{CHECKPOINTS}/{RANK_PATTERN}"]
+RUN_DIRS = ["tb", CHECKPOINTS]
+# a sharded run's best model (torch.distributed.checkpoint folders), recorded when first saved
+SHARDED_BEST_TREES = [f"{CHECKPOINTS}/best", f"{CHECKPOINTS}/best.tmp", f"{CHECKPOINTS}/best.old"]
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -44,7 +44,7 @@ def _inputs(cfg: Config) -> list:
     return paths
 
 
-def _resume_conflict(run_dir: Path, cfg: Config) -> Optional[str]:
+def resume_conflict(run_dir: Path, cfg: Config) -> Optional[str]:
     """How the data config differs from the one the run was trained with (its config.yaml).
     Resuming on other data would also re-prepare the shared data the checkpoint was fitted to."""
     path = run_dir / "config.yaml"
@@ -57,6 +57,21 @@ def _resume_conflict(run_dir: Path, cfg: Config) -> Optional[str]:
         if old.get(k) != new.get(k):
             return f"data.{k} was {old.get(k)!r} in this run, is {new.get(k)!r} now"
     return None
+
+
+def _check_world(run_dir: Path, workers: int) -> None:
+    """A resume needs the number of ranks the resumable state was written by."""
+    ck = run_dir / CHECKPOINTS
+    marker = read_marker(ck)
+    single = (ck / LAST).is_file()
+    if workers == 1 and not single and marker:
+        have = f"{marker['world']} ranks"
+    elif workers > 1 and (not marker or marker["world"] != workers):
+        have = f"{marker['world']} ranks" if marker else "a single process"
+    else:
+        return
+    raise CtrkitError(f"train.resume: {run_dir} was checkpointed by {have}, not by "
+                      f"distributed.workers={workers}; resume with the same number of workers")
 
 
 @contextlib.contextmanager
@@ -75,7 +90,8 @@ def open_run_dir(cfg: Config) -> Iterator[Path]:
             if not has_checkpoint(run_dir):
                 raise CtrkitError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS}/{LAST} "
                                   f"or {CHECKPOINTS}/{MARKER})")
-            why = _resume_conflict(run_dir, cfg)
+            _check_world(run_dir, cfg.distributed.workers)
+            why = resume_conflict(run_dir, cfg)
             if why:
                 raise CtrkitError(f"train.resume: {why}; resume with the run's own data config "
                                   f"({run_dir / 'config.yaml'})")
@@ -85,5 +101,5 @@ def open_run_dir(cfg: Config) -> Iterator[Path]:
                                   "or train.overwrite=true to start over")
             folder.check_replaceable("train.overwrite=true")
             folder.clear()
-        folder.record(files=RUN_FILES, dirs=RUN_DIRS)
+        folder.record(files=RUN_FILES, patterns=RUN_PATTERNS, dirs=RUN_DIRS)
         yield run_dir

@@ -42,7 +42,8 @@ from ctrkit.train.evaluate import evaluate_split
 from ctrkit.train.interrupt import StopSignals
 from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, read_json, write_json
-from ctrkit.train.run_dir import CHECKPOINTS, RUN, open_run_dir
+from ctrkit.train.run_dir import (CHECKPOINTS, RUN, SHARDED_BEST_TREES, open_run_dir,
+                                  resume_conflict)
 
 BEST = "best.pt"
 BEST_SHARDED = "best"   # torch.distributed.checkpoint folder of a sharded run's best model
@@ -367,6 +368,7 @@ class Trainer:
         path = self.run_dir / "checkpoints" / BEST_SHARDED
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
         if self.grid.pos == 0:   # one rank clears leftovers; nobody writes before they are gone
+            OwnedFolder(self.run_dir, RUN).record(trees=SHARDED_BEST_TREES)   # (rank 0 only)
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier(group=self.grid.shard_pg)
         save_model(self.model, tmp, group=self.grid.shard_pg)
@@ -709,7 +711,7 @@ def _evaluate_checkpoint(cfg: Config, schema: Schema, checkpoint: Optional[str])
             out[split] = evaluate_split(model, BatchLoader(schema, split, cfg.train.eval_batch_size,
                                                            prefetch=cfg.train.prefetch,
                                                            pin_memory=device.type == "cuda"))
-    _record_eval(_run_of(path, run_dir), out)
+    _record_eval(_run_of(path, run_dir), cfg, out)
     return out
 
 
@@ -723,12 +725,18 @@ def _run_of(checkpoint: Path, run_dir: Path) -> Optional[Path]:
     return None
 
 
-def _record_eval(run: Optional[Path], out: dict) -> None:
-    """Merge an evaluation into its own run's metrics.json (never another run's)."""
+def _record_eval(run: Optional[Path], cfg: Config, out: dict) -> None:
+    """Merge an evaluation into its own run's metrics.json (never another run's, and only when
+    it was made on the data that run was trained on)."""
     if run is None or not run.is_dir():
         return
     folder = OwnedFolder(run, RUN)
     if not folder.owned:
+        return
+    other = resume_conflict(run, cfg)
+    if other:
+        print(f"ctrkit: {run}/metrics.json not updated: this evaluation's {other}",
+              file=sys.stderr, flush=True)
         return
     path_json = run / "metrics.json"
     try:
