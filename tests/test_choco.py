@@ -217,3 +217,19 @@ def test_lossy_tracker_is_bounded_below_by_vhat_over_n():
     for bound, biggest in _spawn(_lossy_tracker, 4):
         assert bound == 0.25
         assert biggest < 5.0, biggest      # init std 0.1, 40 steps of lr 0.01
+
+
+def test_lossy_tracker_bound_counts_workers_not_ranks():
+    """vhat / n floors a lossy tracker, n the number of decentralized workers: with shard groups
+    of k ranks over a lifted graph of groups * k ranks, that is 1 / groups."""
+    from torch import nn as _nn
+
+    from ctrkit.comm.compress import build_compressor
+    from ctrkit.comm.topology import build_topology
+    from ctrkit.distributed.sharding import lift_topology
+    from ctrkit.optim.decentralized import DecentralizedOptimizer
+    lifted = lift_topology(build_topology("ring", 3), 2)      # 3 groups of 2 ranks
+    opt = DecentralizedOptimizer(_nn.Linear(2, 1), "choco", lifted, 0, None, dense_lr=1e-3,
+                                 sparse_lr=1e-3, compressor=build_compressor("topk:0.5+int8"),
+                                 group_size=2)
+    assert opt.tracker_bound == 1 / 3

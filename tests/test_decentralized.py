@@ -140,3 +140,29 @@ def test_dead_rank_ends_peers_with_a_message():
     assert waited < 30
     for p in ctx.processes:
         p.join(5)
+
+
+def _replicas(rank, world, port, seeds, out):
+    from ctrkit.distributed.runtime import DistEnv, check_identical_replicas
+    from ctrkit.errors import CtrkitError
+    _init(rank, world, port)
+    torch.manual_seed(seeds[rank])
+    model = Tiny()
+    try:
+        check_identical_replicas(model, DistEnv(rank, world))
+        out[rank] = "ok"
+    except CtrkitError as e:
+        out[rank] = str(e)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seeds", [(0, 0, 0), (0, 0, 1)])
+def test_replicas_must_start_identical(seeds):
+    out = mp.Manager().dict()
+    mp.start_processes(_replicas, args=(3, _port(), seeds, out), nprocs=3, start_method="fork")
+    if len(set(seeds)) == 1:
+        assert dict(out) == {0: "ok", 1: "ok", 2: "ok"}
+    else:
+        assert "differ from rank 2's at the start" in out[0], dict(out)
+        assert "rank 2: its dense parameters differ from rank 0's" in out[2], dict(out)

@@ -173,6 +173,14 @@ def test_train_cli_2x2_sharded_run_and_single_process_eval(tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["shard_group_size"] == 2 and m["workers"] == 4 and m["valid"]["auc"] > 0.5
     assert m["steps"] == 8 and m["algorithm"] == "choco" and m["compression_ratio"] > 1
+    # the ranks of a shard group hold one worker's dense parameters: the same after compressed
+    # gossip (the messages are seeded by worker, not by rank)
+    import torch
+    from ctrkit.train.checkpoint import last_rank_checkpoint
+    ck = tmp_path / "run" / "checkpoints"
+    a, b = (torch.load(last_rank_checkpoint(ck, r), weights_only=False)["model"] for r in (0, 1))
+    dense = [k for k in a if not k.startswith(("embedding", "linear.weights"))]
+    assert dense and all(torch.equal(a[k], b[k]) for k in dense), dense
     per_rank = m["embedding_bytes_per_rank"]
     assert len(per_rank) == 2 and max(per_rank) < 0.75 * sum(per_rank)
     best = tmp_path / "run" / "checkpoints" / "best"

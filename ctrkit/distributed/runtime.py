@@ -204,6 +204,36 @@ def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def check_identical_replicas(model: torch.nn.Module, env: DistEnv, grid=None) -> None:
+    """Gossip averages replicas that start equal (DESIGN.md); one that does not is a mistake
+    (another seed, another init_from) that gossip would silently average away. Compares a digest
+    of the dense parameters over all ranks and of the tables over the ranks holding the same
+    shard (the same rank position in every shard group)."""
+    import hashlib
+
+    from ctrkit.optim.build import split_parameters
+    tables = {id(p) for p in split_parameters(model)[0]}
+    digests = {"dense": hashlib.blake2b(digest_size=8), "tables": hashlib.blake2b(digest_size=8)}
+    for name, p in model.named_parameters():
+        if id(p) in tables and grid is not None:
+            continue   # (sharded tables: the shards of one group differ by design)
+        part = digests["tables" if id(p) in tables else "dense"]
+        part.update(name.encode())
+        part.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = [int.from_bytes(d.digest(), "little", signed=True) for d in digests.values()]
+    t = torch.tensor(mine, dtype=torch.int64, device=comm_device())
+    every = [torch.zeros_like(t) for _ in range(env.world)]
+    dist.all_gather(every, t)
+    k = grid.k if grid is not None else 1
+    for r, other in enumerate(every):
+        what = ("dense parameters" if int(other[0]) != mine[0] else
+                "tables" if int(other[1]) != mine[1] and r % k == env.rank % k else None)
+        if what:
+            raise CtrkitError(f"rank {env.rank}: its {what} differ from rank {r}'s at the start; "
+                              "decentralized replicas must start identical (same train.seed, "
+                              "same train.init_from on every rank)")
+
+
 def network_average(model: torch.nn.Module, env: DistEnv, grid=None) -> Optional[dict]:
     """State dict of the network-averaged model x_bar (evaluation/export only) and the consensus
     distance mean_i ||x_i - x_bar||^2 over workers, split into embedding tables and dense

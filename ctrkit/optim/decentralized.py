@@ -38,9 +38,12 @@ from ctrkit.optim.sparse import add_rows_, rows_and_grads
 ALGORITHMS = ("dpsgd", "damsgrad", "choco")
 
 
-def _seed(step: int, rank: int, slot: int) -> int:
-    """Seed of one message, known to its receivers (random-k indices are never sent)."""
-    return (step * 1_000_003 + rank) * 4096 + slot   # slots: 0-1 dense, 2 + 2i / 3 + 2i table i
+def _seed(step: int, rank: int, slot: int, group_size: int = 1) -> int:
+    """Seed of one message, known to its receivers (random-k indices are never sent). It is the
+    worker's, not the rank's: the `group_size` ranks of a shard group round their one replicated
+    dense vector alike, so the group's copies stay equal."""
+    worker = rank // group_size
+    return (step * 1_000_003 + worker) * 4096 + slot   # slots: 0-1 dense, 2 + 2i / 3 + 2i table i
 
 
 class RowGossip:
@@ -64,7 +67,7 @@ class RowGossip:
         self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"], rows])
 
     def step(self, exchange: NeighborExchange, topo: Topology, rank: int, step: int, slot: int,
-             traffic: Counter) -> None:
+             traffic: Counter, group_size: int = 1) -> None:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
         d = xhat.shape[1]
         rows = torch.unique(self.st[self.p + "dirty"])
@@ -85,11 +88,12 @@ class RowGossip:
             # The coders work on host memory (numpy bit packing); a GPU table's rows go through it.
             dev = self.x.device
             packed, sent_rows, sent = self.compressor.roundtrip_rows(rows.cpu(), q.cpu(), n,
-                                                                     _seed(step, rank, slot))
+                                                                     _seed(step, rank, slot,
+                                                                           group_size))
             sent_rows, sent = sent_rows.to(dev), sent.to(dev)
             blobs = exchange.blobs(packed.data, "compressed rows")
             got = {j: tuple(t.to(dev) for t in unpack_rows(b, self.compressor, d, n,
-                                                            _seed(step, j, slot)))
+                                                            _seed(step, j, slot, group_size)))
                    for j, b in blobs.items()}
             add_rows_(xhat, sent_rows, sent)
             traffic["embedding_index_bytes"] += (8 + packed.index_bytes) * len(got)
@@ -125,9 +129,10 @@ class DenseGossip:
             state[prefix + "sum"] = init.clone()
 
     def step(self, flat: torch.Tensor, exchange: NeighborExchange, topo: Topology, rank: int,
-             step: int, slot: int, traffic: Counter) -> torch.Tensor:
+             step: int, slot: int, traffic: Counter, group_size: int = 1) -> torch.Tensor:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
-        packed, sent = self.compressor.roundtrip_dense((flat - xhat).cpu(), _seed(step, rank, slot))
+        packed, sent = self.compressor.roundtrip_dense((flat - xhat).cpu(),
+                                                       _seed(step, rank, slot, group_size))
         sent = sent.to(flat.device)   # (the coders work on host memory)
         blobs = exchange.blobs(packed.data, "compressed dense")
         k = len(blobs)
@@ -138,7 +143,7 @@ class DenseGossip:
         s.add_(sent, alpha=topo.self_weight(rank))
         for j, w in topo.neighbor_weights(rank).items():
             s.add_(unpack_dense(blobs[j], self.compressor, flat.numel(),
-                                _seed(step, j, slot)).to(flat.device), alpha=w)
+                                _seed(step, j, slot, group_size)).to(flat.device), alpha=w)
         return flat + self.gamma * (s - xhat)
 
 
@@ -172,7 +177,8 @@ class DecentralizedOptimizer(Optimizer):
                  betas=(0.9, 0.999), eps: float = 1e-16, rowwise: bool = False,
                  bias_correction: bool = False, compressor: Optional[Compressor] = None,
                  dense_compressor: Optional[Compressor] = None, gamma: float = 1.0,
-                 tracker: str = "compressed", tracker_every: int = 1) -> None:
+                 tracker: str = "compressed", tracker_every: int = 1, group_size: int = 1) -> None:
+        """`topo` is over ranks; `group_size` ranks (a shard group) form one worker."""
         sparse, dense = split_parameters(model)
         groups = [g for g in ({"params": dense, "lr": dense_lr, "sparse": False},
                               {"params": sparse, "lr": sparse_lr, "sparse": True}) if g["params"]]
@@ -183,6 +189,7 @@ class DecentralizedOptimizer(Optimizer):
         if algorithm == "choco" and compressor is None:
             raise ValueError("choco needs a compressor")
         self.algorithm, self.topo, self.rank, self.exchange = algorithm, topo, rank, exchange
+        self.group_size = group_size
         self.adaptive = algorithm in ("damsgrad", "choco")
         self.compressor = compressor if algorithm == "choco" else None
         self.dense_compressor = (dense_compressor or compressor) if algorithm == "choco" else None
@@ -192,7 +199,7 @@ class DecentralizedOptimizer(Optimizer):
         # vhat_i / n: steps divide by sqrt(max(u, vhat / n, eps)), never more than sqrt(n) times a
         # local AMSGrad step. (Exact gossip needs no such bound, and damsgrad keeps DESIGN.md's.)
         lossy = lambda c: c is not None and c.name != "identity"   # noqa: E731
-        self.tracker_bound = (1.0 / topo.n if self.adaptive and tracker == "compressed"
+        self.tracker_bound = (group_size / topo.n if self.adaptive and tracker == "compressed"
                               and (lossy(self.compressor) or lossy(self.dense_compressor)) else 0.0)
         self.traffic: Counter = Counter()
 
@@ -257,11 +264,13 @@ class DecentralizedOptimizer(Optimizer):
             new_x, new_u = mixed[:flat_x.numel()], (mixed[flat_x.numel():] if self.adaptive else None)
         else:
             new_x = DenseGossip(holder, "dense_x", flat_x, self.dense_compressor, self.gamma).step(
-                flat_x, self.exchange, self.topo, self.rank, t, 0, self.traffic)
+                flat_x, self.exchange, self.topo, self.rank, t, 0, self.traffic,
+                self.group_size)
             how = self._tracker_gossip(self.dense_compressor, t) if self.adaptive else None
             if how == "compressed":
                 new_u = DenseGossip(holder, "dense_u", flat_u, self.dense_compressor, self.gamma).step(
-                    flat_u, self.exchange, self.topo, self.rank, t, 1, self.traffic)
+                    flat_u, self.exchange, self.topo, self.rank, t, 1, self.traffic,
+                    self.group_size)
             else:
                 new_u = self._mix(flat_u) if how == "exact" else flat_u
         off = 0
@@ -319,9 +328,11 @@ class DecentralizedOptimizer(Optimizer):
             elif rows is not None:   # dpsgd: local SGD step on touched rows, before gossip
                 add_rows_(p.data, rows, g, alpha=-group["lr"])
                 xg.mark(rows)
-            xg.step(self.exchange, self.topo, self.rank, t, 2 + 2 * i, self.traffic)
+            xg.step(self.exchange, self.topo, self.rank, t, 2 + 2 * i, self.traffic,
+                    self.group_size)
             if how is not None:
-                ug.step(self.exchange, self.topo, self.rank, t, 3 + 2 * i, self.traffic)
+                ug.step(self.exchange, self.topo, self.rank, t, 3 + 2 * i, self.traffic,
+                        self.group_size)
             if self.adaptive and rows is not None:
                 add_rows_(st["u"], rows, vhat_new - vhat_old)
                 st["vhat"].index_copy_(0, rows, vhat_new)

@@ -22,9 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ctrkit.config import Config, dump_config, ema_conflict
-from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, comm_device, gather_floats,
-                                        init_distributed, is_comm_failure, launch_workers,
-                                        launched_by_torchrun, network_average, shutdown)
+from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, check_identical_replicas,
+                                        comm_device, gather_floats, init_distributed,
+                                        is_comm_failure, launch_workers, launched_by_torchrun,
+                                        network_average, shutdown)
 from ctrkit.data.loader import BatchLoader
 from ctrkit.data.preprocess import open_prepared
 from ctrkit.data.schema import Schema
@@ -160,7 +161,7 @@ class Trainer:
                 self.model, self.algorithm, gossip, env.rank, self.exchange,
                 dense_lr=cfg.optimizer.dense.lr, sparse_lr=so.lr, betas=tuple(so.betas),
                 eps=dc.eps, rowwise=dc.rowwise_tracker, bias_correction=dc.bias_correction,
-                **choco_options(cfg, self.model))]
+                group_size=self.grid.k if self.grid else 1, **choco_options(cfg, self.model))]
             if self.algorithm == "choco" and env.is_main:
                 mb = self.optimizers[0].public_copy_bytes() / 2 ** 20
                 print(f"ctrkit: choco with {dc.compressor} (dense {dc.dense_compressor or dc.compressor}), "
@@ -649,6 +650,8 @@ def _run(cfg: Config, env: DistEnv, schema: Schema, run_dir: Path,
     # of the newest step all ranks have.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = tc.resume or (restarted and min(gather_floats(float(have), env)) == 1.0)
+    if trainer.exchange is not None and not resume:
+        check_identical_replicas(trainer.model, env, trainer.grid)
     if resume:
         if not have:
             raise CtrkitError(f"{run_dir}: rank {env.rank} has no checkpoint to resume from "
