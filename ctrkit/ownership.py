@@ -187,10 +187,12 @@ class OwnedFolder:
                "dirs": list(dirs), "trees": list(trees)}
         atomic_write_text(self.manifest_path, json.dumps(new, indent=1))
 
-    def owns(self, rel: str) -> bool:
+    def owns(self, rel: str, entries: Optional[dict] = None) -> bool:
+        """Whether ctrkit recorded `rel`; `entries`: the manifest already read (a walk over many
+        files reads it once)."""
         if rel in (MANIFEST, LOCK):
             return True
-        d = self._entries()
+        d = self._entries() if entries is None else entries
         if any(rel.startswith(t + "/") for t in d.get("trees", [])):
             return True
         head, _, name = rel.rpartition("/")
@@ -214,7 +216,8 @@ class OwnedFolder:
 
     def foreign(self) -> Optional[str]:
         """One file in the folder that ctrkit did not write (None: every file is ctrkit's)."""
-        return next((f for f in self.files() if not self.owns(f)), None)
+        d = self._entries()
+        return next((f for f in self.files() if not self.owns(f, d)), None)
 
     def check_replaceable(self, how: str) -> None:
         """Refuse unless every file in the folder is one ctrkit recorded. `how` says what the
@@ -242,7 +245,7 @@ class OwnedFolder:
             if tree != keep and inside(tree):
                 self.remove_tree(tree)
         for rel in self.files():
-            if rel not in (MANIFEST, LOCK) and inside(rel) and self.owns(rel) and \
+            if rel not in (MANIFEST, LOCK) and inside(rel) and self.owns(rel, d) and \
                     not (keep and rel.startswith(keep + "/")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / rel)
