@@ -178,6 +178,10 @@ class DistributedConfig(_Strict):
     # damsgrad/choco: Adam's bias correction (step x sqrt(1 - b2^t) / (1 - b1^t), t the global
     # step), as torch's Adam(amsgrad=True) has; DESIGN.md's equations have none.
     bias_correction: bool = False
+    # allreduce/local: step with "config"'s optimizers (optimizer.dense/sparse), or with "amsgrad",
+    # damsgrad's local step (m / sqrt(max(vhat, eps)), eps, rowwise_tracker and bias_correction as
+    # above) after the gradient average, so allreduce at n = 1 is bit-identical to damsgrad at n = 1.
+    base_optimizer: Literal["config", "amsgrad"] = "config"
     max_restarts: int = Field(default=0, ge=0)   # torchrun restarts (resume from the last checkpoint)
     # Learning rates x n^0 / n^0.5 / n for n workers; auto: sqrt for Adam-type allreduce, linear
     # for SGD, min(sqrt(n), 2) for Adam-type damsgrad/choco (optim/build.py: worker_lr_scale).
@@ -191,6 +195,11 @@ class DistributedConfig(_Strict):
     gamma: float = Field(default=0.3, gt=0, le=1)
     tracker: Literal["compressed", "exact"] = "compressed"
     tracker_every: int = Field(default=1, ge=1)
+    # damsgrad/dpsgd/choco tables: a row travels when its unsent difference |x - x_hat| exceeds
+    # gossip_tol * |x| (row norms); the rest stays in x - x_hat (error feedback) and a row whose
+    # consensus step is below the tolerance too leaves the send set until touched or received
+    # (docs: optim/decentralized.py). 0: every row that differs at all, every round.
+    gossip_tol: float = Field(default=0.01, ge=0, lt=1)
     # Ranks per shard group: k ranks split the tables with torchrec (table-/column-wise) and act as
     # one decentralized worker fed the union of their batches; the workers/k groups gossip.
     # 1: every rank holds all tables; workers: pure model parallelism, no gossip.
@@ -251,6 +260,24 @@ class Config(_Strict):
         if problem:
             raise ValueError(problem)
         return self
+
+    @model_validator(mode="after")
+    def _base_optimizer_is_for_allreduce_and_local(self) -> "Config":
+        problem = base_optimizer_conflict(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def base_optimizer_conflict(cfg: Config) -> Optional[str]:
+    """Why distributed.base_optimizer cannot be used with this config, or None (also checked by
+    the trainer, for a config changed after validation)."""
+    dc = cfg.distributed
+    if dc.base_optimizer == "amsgrad" and dc.algorithm in ("dpsgd", "damsgrad", "choco"):
+        return (f"distributed.base_optimizer=amsgrad: only with algorithm allreduce or local, not "
+                f"{dc.algorithm} (which has its own update rule: damsgrad and choco step with "
+                "AMSGrad already, dpsgd with SGD)")
+    return None
 
 
 def ema_conflict(cfg: Config) -> Optional[str]:

@@ -373,7 +373,7 @@ def test_public_copies_tracker_and_untouched_rows(name, tmp_path_factory):
 def test_gossip_keeps_the_network_mean_and_contracts(name, tmp_path_factory):
     """Gossip-only rounds: no round moves the network mean of x (or of u), and the consensus
     distance sum_i ||x_i - mean x||^2 shrinks (exact gossip: by at least lambda_2(W)^2 a round).
-    (Per round: the float32 mean drifts ~1.5e-7 of scale a round, issue 15 point 2.)"""
+    (Public copies and their sums are float64, so only x's own float32 rounding moves the mean.)"""
     case = BY_NAME[name]
     rec, W = _recorded(case, tmp_path_factory), case.weights()
     lam = np.sort(np.abs(np.linalg.eigvalsh(W)))[-2]
@@ -393,12 +393,9 @@ def test_gossip_keeps_the_network_mean_and_contracts(name, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15 point 1 (known, being fixed elsewhere): exact "
-                   "gossip re-sends a row while its float32 x - xhat is not exactly 0, which after "
-                   "rounding almost never happens, so traffic does not settle after consensus")
 def test_exact_gossip_traffic_settles_after_consensus(tmp_path_factory):
     """On the complete graph one exact round reaches consensus (W = 11^T / n): the last
-    gossip-only rounds have nothing significant left to send."""
+    gossip-only rounds have nothing left to send, even at tol = 0 (float64 public copies)."""
     rec = _recorded(BY_NAME["n5-complete-damsgrad"], tmp_path_factory)
     per_round = np.diff(rec["table_sent"][STEPS:], axis=0)      # [rounds, n] table bytes
     assert (per_round[-3:] == 0).all(), per_round[-3:].tolist()

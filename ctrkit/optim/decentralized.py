@@ -46,94 +46,122 @@ def _seed(step: int, rank: int, slot: int, group_size: int = 1) -> int:
     return (step * 1_000_003 + worker) * 4096 + slot   # slots: 0-1 dense, 2 + 2i / 3 + 2i table i
 
 
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """Row norms of a [K, D] tensor, in float64."""
+    return t.double().norm(dim=1)
+
+
 class RowGossip:
     """Gossip of a row-sparse table through public copies; its state lives in `state`.
 
     `compressor` None sends the rows exactly (fp32 values); otherwise C(x - x_hat) of the rows that
     differ is sent and the rest stays behind as error feedback. `gamma` is CHOCO's consensus step.
+
+    Which rows travel (`tol`, the config's `distributed.gossip_tol`): a candidate row (touched,
+    received, or with an unsent residual) is sent when |x - x_hat| > tol |x| (row norms); below
+    that its difference stays in x - x_hat. After the consensus step a row whose residual and
+    step are both at most tol |x| leaves the candidate set until it is touched or received again.
+    So a row travels while it is still moving and stops when it has settled, and traffic after
+    training decays to nothing. The price is a tolerance: a settled row skips consensus steps of
+    at most tol |x| each, so replicas agree and the network mean is kept to about tol |x| (tested:
+    tests/test_gossip_reference.py). tol = 0 is the exact algorithm (every row that differs at
+    all, every round).
+
+    x_hat and s = sum_j W_ij x_hat_j are float64: in float32 the running sum s drifts from the
+    sum of the public copies by ~1e-8 per round, and that error leaks into x through the
+    consensus step.
     """
 
     def __init__(self, table: torch.Tensor, state: dict, prefix: str,
-                 compressor: Optional[Compressor] = None, gamma: float = 1.0) -> None:
+                 compressor: Optional[Compressor] = None, gamma: float = 1.0,
+                 tol: float = 0.0) -> None:
         self.x, self.st, self.p = table, state, prefix
-        self.compressor, self.gamma = compressor, gamma
+        self.compressor, self.gamma, self.tol = compressor, gamma, tol
         if prefix + "hat" not in state:
-            state[prefix + "hat"] = table.detach().clone()   # replicas start identical, so
-            state[prefix + "sum"] = table.detach().clone()   # s = sum_j W_ij x_hat_j = x_hat
+            state[prefix + "hat"] = table.detach().double()   # replicas start identical, so
+            state[prefix + "sum"] = table.detach().double()   # s = sum_j W_ij x_hat_j = x_hat
             # int64 row ids; DecentralizedOptimizer.load_state_dict restores them uncast.
             state[prefix + "dirty"] = torch.zeros(0, dtype=torch.int64, device=table.device)
 
     def mark(self, rows: torch.Tensor) -> None:
         self.st[self.p + "dirty"] = torch.cat([self.st[self.p + "dirty"], rows])
 
-    def step(self, exchange: NeighborExchange, topo: Topology, rank: int, step: int, slot: int,
-             traffic: Counter, group_size: int = 1) -> None:
-        xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
-        d = xhat.shape[1]
-        rows = torch.unique(self.st[self.p + "dirty"])
-        q = self.x.index_select(0, rows) - xhat.index_select(0, rows)
-        keep = q.ne(0).flatten(1).any(dim=1)
-        rows, q = rows[keep], q[keep]
-        n = xhat.shape[0]
-        traffic["exact_bytes"] += exact_rows_bytes(rows.numel(), d, n) * len(topo.neighbors[rank])
-        settled = None
+    def _send(self, rows: torch.Tensor, q: torch.Tensor, exchange: NeighborExchange, n: int,
+              seed_of, traffic: Counter):
+        """Send C(q) of `rows`: (what the receivers decode of ours: rows, values; theirs by
+        neighbour: {j: (rows, values)}; our rows that decoded to nothing)."""
+        d = q.shape[1]
         if self.compressor is None:
             got = exchange.rows(rows, q)
-            sent_rows, sent = rows, q
-            xhat.index_copy_(0, rows, self.x.index_select(0, rows))   # lossless: x_hat = x exactly
             id_bytes = torch.empty(0, dtype=exchange.id_dtype).element_size() * rows.numel()
             traffic["embedding_index_bytes"] += (8 + id_bytes + (4 if rows.numel() == 0 else 0)) * len(got)
             traffic["embedding_payload_bytes"] += 4 * q.numel() * len(got)
-        else:
-            # The coders work on host memory (numpy bit packing); a GPU table's rows go through it.
-            dev = self.x.device
-            packed, sent_rows, sent = self.compressor.roundtrip_rows(rows.cpu(), q.cpu(), n,
-                                                                     _seed(step, rank, slot,
-                                                                           group_size))
-            sent_rows, sent = sent_rows.to(dev), sent.to(dev)
-            blobs = exchange.blobs(packed.data, "compressed rows")
-            got = {j: tuple(t.to(dev) for t in unpack_rows(b, self.compressor, d, n,
-                                                            _seed(step, j, slot, group_size)))
-                   for j, b in blobs.items()}
-            add_rows_(xhat, sent_rows, sent)
-            traffic["embedding_index_bytes"] += (8 + packed.index_bytes) * len(got)
-            traffic["embedding_payload_bytes"] += packed.payload_bytes * len(got)
-            # A residual below the coder's resolution decodes to zero and would be re-sent forever
-            # (e.g. fp16 underflow): such rows leave the dirty set until they are touched again.
-            settled = sent_rows[sent.eq(0).all(dim=1)]
+            return rows, q, got, None
+        # The coders work on host memory (numpy bit packing); a GPU table's rows go through it.
+        dev = self.x.device
+        packed, sent_rows, sent = self.compressor.roundtrip_rows(rows.cpu(), q.cpu(), n, seed_of(None))
+        sent_rows, sent = sent_rows.to(dev), sent.to(dev)
+        blobs = exchange.blobs(packed.data, "compressed rows")
+        got = {j: tuple(t.to(dev) for t in unpack_rows(b, self.compressor, d, n, seed_of(j)))
+               for j, b in blobs.items()}
+        traffic["embedding_index_bytes"] += (8 + packed.index_bytes) * len(got)
+        traffic["embedding_payload_bytes"] += packed.payload_bytes * len(got)
+        # A residual below the coder's resolution decodes to zero and would be re-sent forever
+        # (e.g. fp16 underflow): such rows may settle even though their residual is not small.
+        return sent_rows, sent, got, sent_rows[sent.eq(0).all(dim=1)]
+
+    def step(self, exchange: NeighborExchange, topo: Topology, rank: int, step: int, slot: int,
+             traffic: Counter, group_size: int = 1) -> None:
+        xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
+        n, d = xhat.shape
+        cand = torch.unique(self.st[self.p + "dirty"])
+        xc = self.x.index_select(0, cand)
+        q = xc.double() - xhat.index_select(0, cand)
+        qn = _norms(q)
+        keep = qn > self.tol * _norms(xc) if self.tol else qn > 0
+        rows, q = cand[keep], q[keep].float()   # what is left of q in float64 stays in x - x_hat
+        traffic["exact_bytes"] += exact_rows_bytes(rows.numel(), d, n) * len(topo.neighbors[rank])
+        seed_of = lambda j: _seed(step, rank if j is None else j, slot, group_size)   # noqa: E731
+        sent_rows, sent, got, undecodable = self._send(rows, q, exchange, n, seed_of, traffic)
+        sent = sent.double()
+        add_rows_(xhat, sent_rows, sent)
         add_rows_(s, sent_rows, sent, alpha=topo.self_weight(rank))
-        changed = [rows]   # CHOCO's consensus step reaches every candidate row, sent or not
+        changed = [cand]   # CHOCO's consensus step reaches every candidate row, sent or not
         for j, w in topo.neighbor_weights(rank).items():
             r, v = got[j]
-            add_rows_(s, r, v.view(-1, d), alpha=w)
+            add_rows_(s, r, v.view(-1, d).double(), alpha=w)
             changed.append(r)
         ch = torch.unique(torch.cat(changed))
-        step = (s.index_select(0, ch) - xhat.index_select(0, ch)).mul_(self.gamma)
-        self.x.index_copy_(0, ch, self.x.index_select(0, ch).add_(step))
-        # Rows that may differ from their public copy: unsent residuals and mixed rows. A settled
-        # row (nothing decodable left to send) that the consensus step did not move is done.
-        if settled is not None and settled.numel():
-            done = torch.isin(ch, settled) & step.eq(0).all(dim=1)
-            ch = ch[~done]
-        self.st[self.p + "dirty"] = ch
+        hat = xhat.index_select(0, ch)
+        move = (s.index_select(0, ch) - hat).mul_(self.gamma)
+        new = self.x.index_select(0, ch).double().add_(move)
+        self.x.index_copy_(0, ch, new.to(self.x.dtype))
+        # Still a candidate: a row with a residual to send or a consensus step still moving it.
+        limit = self.tol * _norms(new)
+        moving = _norms(move) > limit
+        active = moving | (_norms(new - hat) > limit)
+        if undecodable is not None and undecodable.numel():
+            active &= ~(torch.isin(ch, undecodable) & ~moving)
+        self.st[self.p + "dirty"] = ch[active]
 
 
 class DenseGossip:
-    """CHOCO gossip of a flat vector (all dense parameters, or their trackers) via public copies."""
+    """CHOCO gossip of a flat vector (all dense parameters, or their trackers) via public copies,
+    kept in float64 as RowGossip's are."""
 
     def __init__(self, state: dict, prefix: str, init: torch.Tensor, compressor: Compressor,
                  gamma: float) -> None:
         self.st, self.p, self.compressor, self.gamma = state, prefix, compressor, gamma
         if prefix + "hat" not in state:
-            state[prefix + "hat"] = init.clone()
-            state[prefix + "sum"] = init.clone()
+            state[prefix + "hat"] = init.double()
+            state[prefix + "sum"] = init.double()
 
     def step(self, flat: torch.Tensor, exchange: NeighborExchange, topo: Topology, rank: int,
              step: int, slot: int, traffic: Counter, group_size: int = 1) -> torch.Tensor:
         xhat, s = self.st[self.p + "hat"], self.st[self.p + "sum"]
-        packed, sent = self.compressor.roundtrip_dense((flat - xhat).cpu(),
+        packed, sent = self.compressor.roundtrip_dense((flat.double() - xhat).float().cpu(),
                                                        _seed(step, rank, slot, group_size))
-        sent = sent.to(flat.device)   # (the coders work on host memory)
+        sent = sent.to(flat.device).double()   # (the coders work on host memory)
         blobs = exchange.blobs(packed.data, "compressed dense")
         k = len(blobs)
         traffic["exact_bytes"] += 4 * flat.numel() * k
@@ -143,8 +171,8 @@ class DenseGossip:
         s.add_(sent, alpha=topo.self_weight(rank))
         for j, w in topo.neighbor_weights(rank).items():
             s.add_(unpack_dense(blobs[j], self.compressor, flat.numel(),
-                                _seed(step, j, slot, group_size)).to(flat.device), alpha=w)
-        return flat + self.gamma * (s - xhat)
+                                _seed(step, j, slot, group_size)).to(flat.device).double(), alpha=w)
+        return (flat.double() + self.gamma * (s - xhat)).to(flat.dtype)
 
 
 def choco_options(cfg, model: nn.Module) -> dict:
@@ -177,8 +205,10 @@ class DecentralizedOptimizer(Optimizer):
                  betas=(0.9, 0.999), eps: float = 1e-16, rowwise: bool = False,
                  bias_correction: bool = False, compressor: Optional[Compressor] = None,
                  dense_compressor: Optional[Compressor] = None, gamma: float = 1.0,
-                 tracker: str = "compressed", tracker_every: int = 1, group_size: int = 1) -> None:
-        """`topo` is over ranks; `group_size` ranks (a shard group) form one worker."""
+                 tracker: str = "compressed", tracker_every: int = 1, group_size: int = 1,
+                 gossip_tol: float = 0.0) -> None:
+        """`topo` is over ranks; `group_size` ranks (a shard group) form one worker; `gossip_tol`
+        is RowGossip's `tol` for the tables (0: exact)."""
         sparse, dense = split_parameters(model)
         groups = [g for g in ({"params": dense, "lr": dense_lr, "sparse": False},
                               {"params": sparse, "lr": sparse_lr, "sparse": True}) if g["params"]]
@@ -189,7 +219,7 @@ class DecentralizedOptimizer(Optimizer):
         if algorithm == "choco" and compressor is None:
             raise ValueError("choco needs a compressor")
         self.algorithm, self.topo, self.rank, self.exchange = algorithm, topo, rank, exchange
-        self.group_size = group_size
+        self.group_size, self.gossip_tol = group_size, gossip_tol
         self.adaptive = algorithm in ("damsgrad", "choco")
         self.compressor = compressor if algorithm == "choco" else None
         self.dense_compressor = (dense_compressor or compressor) if algorithm == "choco" else None
@@ -305,13 +335,13 @@ class DecentralizedOptimizer(Optimizer):
                 st["m"] = torch.zeros_like(p)
                 for k in ("v", "vhat", "u"):
                     st[k] = torch.zeros(p.shape[0], dv, dtype=p.dtype, device=p.device)
-            xg = RowGossip(p.data, st, "x", self.compressor, self.gamma)
+            xg = RowGossip(p.data, st, "x", self.compressor, self.gamma, self.gossip_tol)
             ug, how = None, None
             if self.adaptive:
                 how = self._tracker_gossip(self.compressor, t)
                 compressed = how == "compressed"
                 ug = RowGossip(st["u"], st, "u", self.compressor if compressed else None,
-                               self.gamma if compressed else 1.0)
+                               self.gamma if compressed else 1.0, self.gossip_tol)
             rows = g = None
             if p.grad is not None:
                 rows, g = rows_and_grads(p.grad)
@@ -344,15 +374,26 @@ class DecentralizedOptimizer(Optimizer):
                 xg.mark(rows)
                 ug.mark(rows)
 
+    @staticmethod
+    def _own_dtype(key: str):
+        """The dtype a state entry keeps whatever the parameter's: row ids (`*dirty`) int64, the
+        public copies and their sums (`*hat`, `*sum`; not AMSGrad's `vhat`) float64."""
+        if key.endswith("dirty"):
+            return torch.int64
+        if (key.endswith("hat") and key != "vhat") or key.endswith("sum"):
+            return torch.float64
+        return None
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """As Optimizer's, except that integer row-id state (`*dirty`) keeps its dtype: the base
-        class casts every state tensor to the parameter's dtype, and float32 rounds ids > 2**24."""
-        ids = {(i, k): v.clone() for i, st in state_dict["state"].items() for k, v in st.items()
-               if k.endswith("dirty") and isinstance(v, torch.Tensor)}
+        """As Optimizer's, except for the state that keeps its own dtype (`_own_dtype`): the base
+        class casts every state tensor to the parameter's dtype, and float32 rounds ids > 2**24 and
+        undoes the public copies' float64 (a checkpoint from before it was float64 is widened)."""
+        own = {(i, k): v.clone() for i, st in state_dict["state"].items() for k, v in st.items()
+               if self._own_dtype(k) is not None and isinstance(v, torch.Tensor)}
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
-        for (i, k), v in ids.items():
-            self.state[params[i]][k] = v.to(device=params[i].device, dtype=torch.int64)
+        for (i, k), v in own.items():
+            self.state[params[i]][k] = v.to(device=params[i].device, dtype=self._own_dtype(k))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ctrkit.config import Config, dump_config, ema_conflict
+from ctrkit.config import Config, base_optimizer_conflict, dump_config, ema_conflict
 from ctrkit.distributed.runtime import (DistEnv, broadcast_flag, check_identical_replicas,
                                         comm_device, gather_floats, init_distributed,
                                         is_comm_failure, launch_workers, launched_by_torchrun,
@@ -119,17 +120,26 @@ class Trainer:
         if tc.init_from:
             self._init_weights(Path(tc.init_from))
         # dpsgd/damsgrad keep their own update rule on a single worker too (no neighbours), so
-        # n = 1 is the honest baseline of a scaling curve; allreduce on one worker is local Adam.
+        # n = 1 is the honest baseline of a scaling curve; allreduce on one worker is local, with
+        # the configured optimizers (or damsgrad's AMSGrad: distributed.base_optimizer=amsgrad).
         self.algorithm = dc.algorithm if (env.active or dc.algorithm in DECENTRALIZED) \
             else "local"
         self.topology = None
         self.exchange = None
-        self.comm_bytes = 0
+        problem = base_optimizer_conflict(cfg)   # (a config changed after validation lands here)
+        if problem:
+            raise ConfigError(problem)
+        # allreduce/local with distributed.base_optimizer=amsgrad step with damsgrad's AMSGrad
+        amsgrad = dc.base_optimizer == "amsgrad" and self.algorithm not in DECENTRALIZED
+        # Wire bytes of allreduce's collectives, plus all that a resumed run had sent before.
+        self.comm_bytes = 0.0
+        # allreduce: payload_bytes (what this rank contributes) and wire_bytes of the averages
+        self.collective: Counter = Counter()
         o = cfg.optimizer
         # n = every rank's batch in a step (with sharding too: a group steps on k batches)
         self.lr_scale = worker_lr_scale(dc.lr_scaling, self.algorithm, env.world,
-                                        dense_adaptive=o.dense.name != "sgd",
-                                        tables_adaptive=o.sparse.name != "sgd")
+                                        dense_adaptive=amsgrad or o.dense.name != "sgd",
+                                        tables_adaptive=amsgrad or o.sparse.name != "sgd")
         if self.lr_scale != (1.0, 1.0):
             fd, ft = self.lr_scale
             cfg = cfg.model_copy(update={"optimizer": o.model_copy(update={
@@ -142,26 +152,35 @@ class Trainer:
                 print(f"ctrkit: {dc.lr_scaling} lr scaling for {env.world} workers: dense lr "
                       f"x{fd:.3g} ({cfg.optimizer.dense.lr:.3g}), tables x{ft:.3g} "
                       f"({cfg.optimizer.sparse.lr:.3g})", flush=True)
-        if self.algorithm in DECENTRALIZED:
+        if self.algorithm in DECENTRALIZED or amsgrad:
             from ctrkit.comm.exchange import NeighborExchange
-            from ctrkit.comm.topology import build_topology
+            from ctrkit.comm.topology import build_topology, single_worker
             from ctrkit.optim.decentralized import DecentralizedOptimizer
-            # The decentralized workers are the shard groups (each rank one, when not sharded).
-            workers = env.world // (self.grid.k if self.grid else 1)
-            self.topology = build_topology(dc.topology, workers, dc.edges)
-            gossip = self.topology
-            if self.grid:
-                from ctrkit.distributed.sharding import lift_topology
-                gossip = lift_topology(self.topology, self.grid.k)
             rows = max([m.num_rows for m in self.model.modules() if hasattr(m, "num_rows")] or [0])
-            self.exchange = NeighborExchange(env.rank, gossip.neighbors[env.rank],
-                                             num_rows_hint=rows)
+            if amsgrad:
+                # damsgrad's optimizer on a one-worker view (this rank is its rank 0; the exchange
+                # has no neighbours and sends nothing), stepping after the gradient average: the
+                # very optimizer damsgrad has at n = 1. Not self.exchange: this is no gossip run.
+                algorithm, gossip, rank = "damsgrad", single_worker(), 0
+                exchange = NeighborExchange(0, (), num_rows_hint=rows)
+            else:
+                # The decentralized workers are the shard groups (each rank one, when not sharded).
+                workers = env.world // (self.grid.k if self.grid else 1)
+                self.topology = build_topology(dc.topology, workers, dc.edges)
+                gossip = self.topology
+                if self.grid:
+                    from ctrkit.distributed.sharding import lift_topology
+                    gossip = lift_topology(self.topology, self.grid.k)
+                algorithm, rank = self.algorithm, env.rank
+                exchange = self.exchange = NeighborExchange(env.rank, gossip.neighbors[env.rank],
+                                                            num_rows_hint=rows)
             so = cfg.optimizer.sparse
             self.optimizers = [DecentralizedOptimizer(
-                self.model, self.algorithm, gossip, env.rank, self.exchange,
+                self.model, algorithm, gossip, rank, exchange,
                 dense_lr=cfg.optimizer.dense.lr, sparse_lr=so.lr, betas=tuple(so.betas),
                 eps=dc.eps, rowwise=dc.rowwise_tracker, bias_correction=dc.bias_correction,
-                group_size=self.grid.k if self.grid else 1, **choco_options(cfg, self.model))]
+                group_size=self.grid.k if self.grid else 1, gossip_tol=dc.gossip_tol,
+                **choco_options(cfg, self.model))]
             if self.algorithm == "choco" and env.is_main:
                 mb = self.optimizers[0].public_copy_bytes() / 2 ** 20
                 print(f"ctrkit: choco with {dc.compressor} (dense {dc.dense_compressor or dc.compressor}), "
@@ -219,19 +238,28 @@ class Trainer:
                               f"'{self.cfg.model.name}' ({_mismatch(e)})") from None
 
     @property
-    def bytes_sent(self) -> int:
+    def bytes_sent(self) -> float:
+        """Wire bytes this worker sent: gossip's messages to its neighbours, allreduce's share of
+        its collectives (ctrkit/comm/collective.py)."""
         return self.comm_bytes + (self.exchange.bytes_sent if self.exchange else 0)
 
     def traffic(self) -> Dict[str, float]:
-        """Gossip bytes per worker and step by kind, what exact gossip would have sent, the ratio."""
+        """Bytes per worker and step. allreduce: `payload_bytes_per_step` (what a rank contributes
+        to the averages) and `wire_bytes_per_step` (what it sends for them). Gossip: by kind, what
+        exact gossip would have sent, the ratio, and `wire_bytes_per_step`."""
+        steps = max(self.step, 1)
+        if self.algorithm == "allreduce":
+            return {f"{k}_per_step": self.collective[k] / steps
+                    for k in ("payload_bytes", "wire_bytes")}
         opt = self.optimizers[0] if self.optimizers else None
         tr = getattr(opt, "traffic", None)
-        if not tr:
+        if self.algorithm not in DECENTRALIZED or not tr:
             return {}
-        steps = max(self.step, 1)
         out = {f"{k}_per_step": v / steps for k, v in sorted(tr.items())}
         sent = opt.bytes_sent
         out["compression_ratio"] = tr["exact_bytes"] / sent if sent else 1.0
+        # Gossip's bytes are per-neighbour messages, every byte handed to isend: already wire.
+        out["wire_bytes_per_step"] = self.bytes_sent / steps
         return out
 
     # ------------------------------------------------------------------ state
@@ -243,7 +271,7 @@ class Trainer:
                 "samples": self.samples, "best": self.best, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
                 "train_seconds": self.train_seconds, "rng": rng_state(),
-                "bytes_sent": self.bytes_sent,
+                "bytes_sent": self.bytes_sent, "collective_traffic": dict(self.collective),
                 "traffic": dict(getattr(self.optimizers[0], "traffic", {})) if self.optimizers else {},
                 "ema": self.ema.state_dict() if self.ema else None}
 
@@ -270,6 +298,11 @@ class Trainer:
             print(f"ctrkit: the checkpoint has {why}; train.ema_decay={self.ema.decay} starts a "
                   f"new one at step {self.step}", flush=True)
         self.comm_bytes = st.get("bytes_sent", 0)
+        if "collective_traffic" in st:
+            self.collective = Counter(st["collective_traffic"])
+        elif self.algorithm == "allreduce":   # a checkpoint from before wire bytes were counted:
+            self.collective = Counter(payload_bytes=self.comm_bytes)   # its bytes were payload;
+            self.comm_bytes = 0.0                                      # wire counts from here on
         if self.optimizers and hasattr(self.optimizers[0], "traffic"):
             self.optimizers[0].traffic.update(st.get("traffic", {}))
         self._sync_fused_lr()
@@ -301,8 +334,10 @@ class Trainer:
             from ctrkit.distributed.sharding import average_dense_grads
             average_dense_grads(self.model, self.grid)
         if self.algorithm == "allreduce":
-            from ctrkit.optim.decentralized import average_gradients
-            self.comm_bytes += average_gradients(self.model, self.env.world)
+            from ctrkit.optim.allreduce import allreduce_gradients
+            sent = allreduce_gradients(self.model, self.env.world)
+            self.collective.update(sent)
+            self.comm_bytes += sent["wire_bytes"]
         if self.ema:
             self.ema.capture()
         for o in self.optimizers:
@@ -534,9 +569,13 @@ class Trainer:
                         [sum(p.numel() * p.element_size() for p in split_parameters(self.model)[0])])
             out.update(shard_group_size=self.grid.k if self.grid else 1,
                        embedding_bytes_per_rank=per_rank)
+            # bytes_per_worker_step and wire_bytes_per_step: the same, wire bytes (allreduce too)
             out.update(workers=self.env.world, algorithm=self.algorithm,
                        topology=self.topology.describe() if self.topology else None,
-                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1))
+                       bytes_per_worker_step=self.bytes_sent / max(self.step, 1),
+                       wire_bytes_per_step=self.bytes_sent / max(self.step, 1))
+            if self.algorithm == "allreduce":
+                out.update(self.traffic())   # + payload_bytes_per_step
         out.update(device=str(self.device),
                    backend=dist.get_backend() if dist.is_initialized() else None)
         out.update(lr_scale={"dense": self.lr_scale[0], "tables": self.lr_scale[1]},
