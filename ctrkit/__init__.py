@@ -10,6 +10,10 @@ _logging.getLogger("torch.fx._symbolic_trace").setLevel(_logging.ERROR)
 
 from ctrkit.config import Config, load_config  # noqa: E402
 from ctrkit.errors import ConfigError, CtrkitError, DataError  # noqa: E402
+# The subpackage ctrkit.train, imported before `def train` below: importing it later (the first
+# train() call does) would rebind `ctrkit.train` from the function to the package, so a second
+# ctrkit.train(cfg) in the same process failed with "'module' object is not callable".
+import ctrkit.train as _train_package  # noqa: E402,F401  (an empty __init__: no torch import)
 
 __version__ = "0.1.0"
 

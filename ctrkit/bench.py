@@ -11,7 +11,6 @@ measured in the same process with the variants alternated round by round (median
 from __future__ import annotations
 
 import copy
-import math
 import json
 import os
 import platform
@@ -19,7 +18,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -217,18 +216,6 @@ def measure_prepare(cfg: Config, out_dir: Path, rounds: int = 7) -> Dict[str, ob
 
 
 def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
-    if what == "scaling":
-        train_file = Path(cfg.data.train or "")
-        if not train_file.exists() and train_file.parent == Path(cfg.synth.out_dir):
-            from ctrkit.cli import cmd_synth   # the study's own synthetic data, made on first use
-            cmd_synth(cfg, args)
-        out = Path(args.out) if args.out else Path("bench/results/scaling")
-        out.mkdir(parents=True, exist_ok=True)
-        workers = tuple(int(x) for x in os.environ.get("CTRKIT_BENCH_WORKERS", "1,2,4,8").split(","))
-        algos = tuple(os.environ.get("CTRKIT_BENCH_ALGOS", ",".join(SCALING_ALGOS)).split(","))
-        topos = tuple(os.environ.get("CTRKIT_BENCH_TOPOLOGIES", "ring,exponential").split(","))
-        return run_scaling(cfg, out, workers=workers, algorithms=algos, topologies=topos,
-                           iterations=int(os.environ.get("CTRKIT_BENCH_ITERS", "0")))
     if what == "compression":
         out = Path(args.out) if args.out else Path("bench/results/compression")
         out.mkdir(parents=True, exist_ok=True)
@@ -279,133 +266,6 @@ def run_bench(what: str, cfg: Config, args) -> Dict[str, object]:
     out.write_text(json.dumps(result, indent=1))
     result["written_to"] = str(out)
     return result
-
-
-# ---------------------------------------------------------------------------- scaling
-SCALING_ALGOS = ("allreduce", "damsgrad", "dpsgd", "local")
-
-
-def _valid_curve(run_dir: Path) -> List[dict]:
-    from ctrkit.train.logging import read_metrics
-    return [{"step": int(r["step"]), "samples": int(r["samples"]), "auc": float(r["auc"]),
-             "logloss": float(r["logloss"])}
-            for r in read_metrics(run_dir) if r["split"] == "valid"]
-
-
-def _iters_to(curve: List[dict], target: float):
-    """Iterations at which the validation logloss first reaches `target`, interpolated linearly
-    between the two evaluations around the crossing (None if it never does)."""
-    prev = None
-    for c in curve:
-        if c["logloss"] <= target:
-            if prev is None or prev["logloss"] == c["logloss"]:
-                return float(c["step"])
-            frac = (prev["logloss"] - target) / (prev["logloss"] - c["logloss"])
-            return prev["step"] + frac * (c["step"] - prev["step"])
-        prev = c
-    return None
-
-
-def run_scaling(cfg: Config, out: Path, workers=(1, 2, 4, 8), algorithms=SCALING_ALGOS,
-                topologies=("ring", "exponential"), iterations: int = 0, evals: int = 16,
-                dpsgd_lr: float = 0.05, horizon: float = 2.5,
-                baseline_only: Sequence[str] = ("dpsgd", "local")) -> Dict[str, object]:
-    """Statistical efficiency with n workers and a fixed per-worker batch.
-
-    n = 1 runs `iterations` steps (default: 1 / horizon of an epoch); n workers run horizon x
-    iterations / n steps (one epoch of their slices), enough to reach the target if the speedup is
-    at least n / horizon. Linear speedup means
-    n times fewer iterations to the target logloss: the worse of the n = 1 final loglosses of
-    allreduce and damsgrad. Learning rates follow `distributed.lr_scaling` (the shipped config:
-    auto: sqrt for allreduce with Adam, min(sqrt(n), 2) for damsgrad). Algorithms in `baseline_only` run
-    only at the largest two n, for the final-AUC comparison; dpsgd is plain SGD at `dpsgd_lr`,
-    unscaled. Also reported: final AUC/logloss of the averaged model, AUC spread, bytes per step.
-    """
-    from ctrkit.comm.topology import build_topology
-    from ctrkit.train.trainer import load_or_prepare
-    schema = load_or_prepare(cfg, progress=False)
-    rows = schema.splits["train"].rows_written
-    bs = cfg.train.batch_size
-    # n = 1 runs rows / (horizon * batch) steps, so every n > 1 run ends after exactly one epoch of
-    # its slice (a second pass over the same rows overfits and would bend the curves).
-    iterations = iterations or int(rows // (horizon * bs))
-    runs = []
-    for algo in algorithms:
-        ns = [n for n in workers if algo not in baseline_only or n in sorted(workers)[-2:]]
-        for topo in (topologies if algo in ("dpsgd", "damsgrad") else ("ring",)):
-            for n in ns:
-                if topo != "ring" and build_topology(topo, n).neighbors == build_topology("ring", n).neighbors:
-                    continue   # the same graph as the ring at this n
-                steps = iterations if n == 1 else int(math.ceil(horizon * iterations / n))
-                run_dir = Path(cfg.train.run_dir) / f"{algo}-{topo}-n{n}"   # checkpoints stay out of bench/
-                c = _bench_config(cfg, run_dir, algo, n, steps, dpsgd_lr, topology=topo)
-                c.train.epochs = max(1, -(-steps * n * bs // rows))
-                c.train.eval_every = max(1, steps // evals)
-                t = time.time()
-                m = _train_and_clean(c, run_dir)
-                runs.append({"algorithm": algo, "topology": topo, "workers": n, "iterations": steps,
-                             "samples": steps * n * bs,
-                             "lr_scale": m["lr_scale"],
-                             "final_auc": m["valid"]["auc"], "final_logloss": m["valid"]["logloss"],
-                             "bytes_per_worker_step": m.get("bytes_per_worker_step", 0.0),
-                             "auc_spread": m.get("auc_spread", 0.0), "wall_s": round(time.time() - t, 1),
-                             "curve": _valid_curve(run_dir)})
-                print(f"scaling: {algo:9s} {topo:11s} n={n} ({steps} steps): AUC "
-                      f"{runs[-1]['final_auc']:.4f} logloss {runs[-1]['final_logloss']:.4f} "
-                      f"({runs[-1]['wall_s']} s)", flush=True)
-    result = summarize_scaling({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
-                                "batch_per_worker": bs, "iterations_n1": iterations,
-                                "horizon": horizon, "lr_scaling": cfg.distributed.lr_scaling,
-                                "dpsgd_lr": dpsgd_lr, "runs": runs})
-    (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    _plot_scaling(result, out / "scaling.png")
-    return {k: v for k, v in result.items() if k != "runs"} | {
-        "table": [{k: r[k] for k in ("algorithm", "topology", "workers", "iterations", "final_auc",
-                                     "iters_to_target", "speedup", "bytes_per_worker_step")}
-                  for r in runs], "written_to": str(out / "scaling.json")}
-
-
-def summarize_scaling(result: dict) -> dict:
-    """Iterations to the target logloss and speedups. The target is the worst final logloss of the
-    n = 1 runs of allreduce and damsgrad, so both reach it and their speedups compare."""
-    runs = result["runs"]
-    ones = [r["curve"][-1]["logloss"] for r in runs
-            if r["workers"] == 1 and r["algorithm"] in ("allreduce", "damsgrad") and r["curve"]]
-    target = max(ones) if ones else runs[0]["curve"][-1]["logloss"]
-    for r in runs:
-        r["iters_to_target"] = _iters_to(r["curve"], target)
-    for r in runs:
-        base = next((b for b in runs if b["algorithm"] == r["algorithm"] and b["workers"] == 1
-                     and b["topology"] == "ring"), None)
-        r["speedup"] = (base["iters_to_target"] / r["iters_to_target"]
-                        if base and base["iters_to_target"] and r["iters_to_target"] else None)
-    result["target_logloss"] = target
-    return result
-
-
-def _plot_scaling(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for r in result["runs"]:
-        xs = [c["step"] for c in r["curve"]]
-        ss = [c["samples"] * r["workers"] for c in r["curve"]]
-        ys = [c["logloss"] for c in r["curve"]]
-        label = f"{r['algorithm']}/{r['topology'][:4]} n={r['workers']}"
-        style = {"allreduce": "-", "damsgrad": "--", "dpsgd": ":", "local": "-."}[r["algorithm"]]
-        axes[0].plot(xs, ys, style, label=label)
-        axes[1].plot(ss, ys, style, label=label)
-    for ax, xl in zip(axes, ("iterations", "samples (all workers)")):
-        ax.axhline(result["target_logloss"], color="grey", lw=0.8)
-        ax.set_xlabel(xl)
-        ax.set_ylabel("validation logloss (averaged model)")
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------- compression

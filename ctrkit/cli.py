@@ -115,12 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "train (prepares the data first if needed); writes metrics.json",
              "eval": "evaluate a checkpoint on valid/test; writes metrics.json",
              "demo": "synth -> prepare -> train -> eval with configs/demo.yaml",
-             "bench": "benchmarks: throughput (step cost, prepare speed), scaling (n workers), "
-                      "compression (bytes vs AUC), sharding (shard group sizes)"}
+             "bench": "benchmarks: throughput (step cost, prepare speed), compression (bytes "
+                      "vs AUC), sharding (shard group sizes); the scaling study is "
+                      "bench/scaling.py"}
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h)
         if name == "bench":
-            sp.add_argument("what", choices=["throughput", "scaling", "compression", "sharding"], help="which benchmark")
+            sp.add_argument("what", choices=["throughput", "compression", "sharding"], help="which benchmark")
             sp.add_argument("--out", default=None, help="JSON output path")
         sp.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -1,9 +1,8 @@
-"""Scaling-study helpers: learning-rate rules per worker count, iterations to a target logloss."""
+"""Scaling-study helpers: learning-rate rules per worker count, samples to a target logloss."""
 import math
 
 import pytest
 
-from ctrkit.bench import _iters_to, summarize_scaling
 from ctrkit.optim.build import worker_lr_scale
 
 
@@ -29,24 +28,25 @@ def _curve(points):
     return [{"step": s, "samples": s * 256, "auc": 0.7, "logloss": l} for s, l in points]
 
 
-def test_iters_to_interpolates_between_evaluations():
+def test_samples_to_interpolates_between_evaluations():
+    """(The scaling study, bench/scaling.py, counts samples; tests/test_bench_scaling.py has the
+    rest of its statistics.)"""
+    samples_to = _scaling_study().samples_to
     c = _curve([(10, 0.50), (20, 0.46), (30, 0.44)])
-    assert _iters_to(c, 0.44) == 30.0
-    assert math.isclose(_iters_to(c, 0.45), 25.0)
-    assert _iters_to(c, 0.60) == 10.0
-    assert _iters_to(c, 0.40) is None
+    assert samples_to(c, 0.44) == 30.0 * 256
+    assert math.isclose(samples_to(c, 0.45), 25.0 * 256)
+    assert samples_to(c, 0.60) == 10.0 * 256
+    assert samples_to(c, 0.40) is None
 
 
-def test_speedup_is_relative_to_the_same_algorithm_at_one_worker():
-    runs = [
-        {"algorithm": "allreduce", "topology": "ring", "workers": 1, "curve": _curve([(50, 0.5), (100, 0.44)])},
-        {"algorithm": "allreduce", "topology": "ring", "workers": 4, "curve": _curve([(25, 0.44), (50, 0.43)])},
-        {"algorithm": "damsgrad", "topology": "ring", "workers": 1, "curve": _curve([(50, 0.5), (100, 0.45)])},
-        {"algorithm": "damsgrad", "topology": "ring", "workers": 4, "curve": _curve([(10, 0.5), (20, 0.45)])},
-    ]
-    out = summarize_scaling({"runs": runs})
-    assert out["target_logloss"] == 0.45                  # the worse n = 1 final logloss
-    r = {(x["algorithm"], x["workers"]): x for x in out["runs"]}
-    assert r[("damsgrad", 4)]["speedup"] == 5.0           # 100 / 20
-    assert math.isclose(r[("allreduce", 1)]["iters_to_target"], 50 + 50 * (0.05 / 0.06))
-    assert r[("allreduce", 4)]["iters_to_target"] == 25.0
+def _scaling_study():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "scaling.py"
+    if "bench_scaling_study" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_scaling_study", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_scaling_study"]
