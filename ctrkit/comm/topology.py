@@ -183,3 +183,10 @@ def build_topology(name: str, n: int, edges: Optional[Sequence[Sequence[int]]] =
                           f"rank(s) {shown} unreachable from rank 0")
     neighbors = tuple(tuple(sorted(nb)) for nb in nbrs)
     return Topology(name=name, n=n, neighbors=neighbors, weights=_mixing_matrix(neighbors))
+
+
+def single_worker() -> Topology:
+    """One worker without neighbours (W = [[1]]): a gossip optimizer over it sends nothing and
+    takes only its local step. It is the graph damsgrad has at n = 1, and the one-node view on
+    which `allreduce` with `distributed.base_optimizer=amsgrad` runs damsgrad's step on every rank."""
+    return Topology(name="single", n=1, neighbors=((),), weights=np.ones((1, 1)))

@@ -208,7 +208,10 @@ def check_identical_replicas(model: torch.nn.Module, env: DistEnv, grid=None) ->
     """Gossip averages replicas that start equal (DESIGN.md); one that does not is a mistake
     (another seed, another init_from) that gossip would silently average away. Compares a digest
     of the dense parameters over all ranks and of the tables over the ranks holding the same
-    shard (the same rank position in every shard group)."""
+    shard (the same rank position in every shard group). One process (damsgrad at n = 1) has
+    nothing to compare with."""
+    if not env.active:
+        return
     import hashlib
 
     from ctrkit.optim.build import split_parameters
