@@ -189,9 +189,10 @@ class DistributedConfig(_Strict):
     # choco: C(x - x_hat) goes to the neighbours (see ctrkit/comm/compress.py for the specs),
     # x += gamma (s - x_hat); the tracker u is compressed too, or sent exactly every k steps.
     compressor: str = "topk:0.01+int8"
-    # The MLP's vector, all entries at 8 bits: on the reference data choco then matches exact damsgrad
-    # (n = 4: 0.7212 vs 0.7216) where top-1 % of it did not (0.7164). None: the same as `compressor`.
-    dense_compressor: Optional[str] = "int8"
+    # The MLP's vector (and its tracker) as signs, 1 bit per entry and a scale per group: on the
+    # reference data choco then matches allreduce at n = 4 on 10 % of its wire bytes, int8 needed
+    # 45 % (bench/RESULTS.md). None: the same as `compressor`.
+    dense_compressor: Optional[str] = "sign"
     gamma: float = Field(default=0.3, gt=0, le=1)
     tracker: Literal["compressed", "exact"] = "compressed"
     tracker_every: int = Field(default=1, ge=1)

@@ -509,7 +509,8 @@ class Trainer:
                     sps = (self.samples - n_last) / max(now - t_last, 1e-9)
                     logger.log({"step": self.step, "epoch": self.epoch, "samples": self.samples,
                                 "split": "train", "loss": mean_loss, "lr": self._lr(),
-                                "samples_per_s": sps, "wall_s": self.train_seconds + now - t_epoch})
+                                "samples_per_s": sps, "wall_s": self.train_seconds + now - t_epoch,
+                                "bytes_per_worker_step": self.bytes_sent / max(self.step, 1)})
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:,.0f}")
                     t_last, n_last, loss_sum, loss_n = now, self.samples, 0.0, 0
                 if tc.eval_every and self.step % tc.eval_every == 0:
