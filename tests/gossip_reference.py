@@ -19,8 +19,10 @@ gossip is exact mixing x_i <- sum_j W_ij x_j (`damsgrad`) or CHOCO with public c
 
     q_i = C(x_i - xhat_i) ;  xhat_i += q_i ;  s_i += sum_j W_ij q_j ;  x_i += gamma (s_i - xhat_i)
 
-C is the identity or top-k (rows by L2 norm among the rows with x - xhat != 0, k = ceil(R U) of U
-such rows; dense entries by magnitude, k = ceil(R P) of all P entries).
+C is the identity, top-k (rows by L2 norm among the rows with x - xhat != 0, k = ceil(R U) of U
+such rows; dense entries by magnitude, k = ceil(R P) of all P entries) or fp16 (every entry of the
+difference, taken to float32 as a float32 run holds it, rounded to IEEE half precision; a value
+coder that acts entry by entry, so it is the same on a whole table and on its shards).
 """
 from __future__ import annotations
 
@@ -103,9 +105,14 @@ def _top(score: np.ndarray, k: int, chosen: Optional[np.ndarray] = None) -> np.n
     return order[:k]
 
 
+def _fp16(d: np.ndarray) -> np.ndarray:
+    """Round to half precision (nearest even, subnormals kept, +-65504 at most) from float32."""
+    return np.clip(d.astype(np.float32), -65504, 65504).astype(np.float16).astype(np.float64)
+
+
 @dataclass(frozen=True)
 class Compressor:
-    """'identity' or 'topk:R'."""
+    """'identity', 'topk:R' or 'fp16'."""
     spec: str
 
     @property
@@ -120,6 +127,8 @@ class Compressor:
         `chosen` [R]: the rows the run under test sent, consulted only on ties."""
         if not self.lossy:
             return d.copy()
+        if self.spec == "fp16":
+            return _fp16(d)
         cand = np.flatnonzero((d != 0).any(axis=1))
         keep = cand[_top(np.square(d[cand]).sum(axis=1), self._k(len(cand)),
                          None if chosen is None else chosen[cand])]
@@ -131,6 +140,8 @@ class Compressor:
         """C of one worker's flat [P] dense difference (`chosen` [P]: as for rows)."""
         if not self.lossy:
             return d.copy()
+        if self.spec == "fp16":
+            return _fp16(d)
         keep = _top(np.abs(d), self._k(d.size), chosen)
         out = np.zeros_like(d)
         out[keep] = d[keep]
