@@ -20,7 +20,9 @@ samples to a target at every n (n times fewer steps).
 Each run is one `ctrkit.train` call (through `ctrkit.load_config(config, overrides)`); its result
 is `DIR/runs/<algo>_n<n>_lr<lr>_s<seed>.json` (written atomically) and its run folder is removed
 once read (only the files ctrkit recorded there). Finished runs are skipped by the next
-invocation, failed ones too unless `--retry-failed`. `DIR/summary.json` and `DIR/scaling.png`
+invocation, failed ones too unless `--retry-failed`. At n = 1 damsgrad and choco have no
+neighbours and are allreduce_amsgrad (AMSGrad on one worker): that run set is trained once and
+stands for all three (`SAME_AT_N1`). `DIR/summary.json` and `DIR/scaling.png`
 are rebuilt from the runs on disk at the end of every invocation (`--summarize-only`: only that).
 """
 from __future__ import annotations
@@ -50,6 +52,11 @@ ALGORITHMS: Dict[str, List[str]] = {
     # allreduce with the config's optimizers (Adam in bench/configs/scaling.yaml)
     "allreduce_adam": ["distributed.algorithm=allreduce"],
 }
+# At n = 1 a worker has no neighbours: damsgrad and choco are AMSGrad without bias correction on
+# one worker, i.e. allreduce_amsgrad at n = 1 (damsgrad bit for bit, tests/test_amsgrad_baseline.py;
+# choco's x_hat moves but never x, and its tracker floor max(u, vhat) differs from u only by
+# rounding). Their n = 1 cells are that one run set, trained once.
+SAME_AT_N1 = {"damsgrad": "allreduce_amsgrad", "choco": "allreduce_amsgrad"}
 CRITERION = 1.15          # samples to target at n = 8 at most 15 % above n = 1
 STUDY_KIND = "scaling study folder"
 STUDY_FILES = ["study.json", "summary.json", "scaling.png", "data/valid.tsv", "data/test.tsv"]
@@ -461,6 +468,23 @@ class Study:
 
 
 # ------------------------------------------------------------------------------ summary
+def trained_as(algo: str, n: int) -> str:
+    """The algorithm whose runs stand for `algo` at n workers (SAME_AT_N1)."""
+    return SAME_AT_N1.get(algo, algo) if n == 1 else algo
+
+
+def with_shared_n1(runs: List[dict], algorithms: Optional[Sequence[str]] = None) -> List[dict]:
+    """The runs, plus a copy of every n = 1 run of a SAME_AT_N1 target under each algorithm it
+    stands for (of `algorithms`, default all; `shared_from` names the run)."""
+    out = [r for r in runs if not (r["workers"] == 1 and r["algorithm"] in SAME_AT_N1)]
+    for r in list(out):
+        if r["workers"] == 1:
+            out += [dict(r, algorithm=a, shared_from=r["name"])
+                    for a, target in SAME_AT_N1.items()
+                    if target == r["algorithm"] and (algorithms is None or a in algorithms)]
+    return out
+
+
 def load_runs(runs_dir: Path) -> List[dict]:
     out = []
     for p in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
@@ -512,6 +536,7 @@ def _stat(values: Sequence[Optional[float]]) -> Optional[dict]:
 
 def summarize(runs: List[dict], settings: dict) -> dict:
     """Everything the study reports, from the run records on disk."""
+    runs = with_shared_n1(runs, settings.get("algorithms"))
     tune_seed = settings.get("tune_seed", 0)
     seeds_wanted = settings.get("seeds", [])
     algos = [a for a in ALGORITHMS if any(r["algorithm"] == a for r in runs)]
@@ -853,7 +878,7 @@ def _main(study: Study, args: argparse.Namespace) -> int:
     stopped = None
     try:
         for n in args.workers:
-            for a in args.algorithms:
+            for a in dict.fromkeys(trained_as(a, n) for a in args.algorithms):
                 for lr in args.lrs:
                     study.run(a, n, lr, args.tune_seed, "tune")
                 choice = choose_lr(load_runs(study.runs_dir), a, n, args.tune_seed)

@@ -112,8 +112,10 @@ def _handmade_runs():
     d, a = "damsgrad", "allreduce_adam"
     one = [[0.50, 0.45, 0.44, 0.43], [0.50, 0.45, 0.44, 0.44], [0.50, 0.45, 0.44, 0.42]]
     slow = [[0.60, 0.50, 0.46, 0.44], [0.60, 0.50, 0.46, 0.439], [0.60, 0.50, 0.47, 0.44]]
-    runs = [_run(d, 1, 5e-4, 0, [0.5, 0.48, 0.47, 0.46]), _run(d, 1, 2e-3, 0, [0.5, 0.47, 0.46, 0.45])]
-    runs += [_run(d, 1, 1e-3, s, c) for s, c in enumerate(one)]
+    # damsgrad's n = 1 cell is allreduce_amsgrad's n = 1 runs (S.SAME_AT_N1)
+    m = "allreduce_amsgrad"
+    runs = [_run(m, 1, 5e-4, 0, [0.5, 0.48, 0.47, 0.46]), _run(m, 1, 2e-3, 0, [0.5, 0.47, 0.46, 0.45])]
+    runs += [_run(m, 1, 1e-3, s, c) for s, c in enumerate(one)]
     runs += [_run(d, 2, 1e-3, s, c) for s, c in enumerate(one)]          # as fast as n = 1
     runs += [_run(d, 8, 1e-3, 0, [0.6, 0.55, 0.5, 0.47]), _run(d, 8, 4e-3, 0, [], "failed")]
     runs += [_run(d, 8, 2e-3, s, c) for s, c in enumerate(slow)]         # 1.33x the samples
@@ -130,6 +132,8 @@ def test_summary_targets_lr_choice_and_the_criterion(tmp_path):
     assert math.isclose(t["easy"], 0.50 - 0.02) and math.isclose(t["medium"], 0.50 - 0.04)
     r = sm["results"]["damsgrad"]
     assert r["1"]["lr"] == 1e-3 and r["1"]["lr_at_grid_edge"] is False
+    assert sm["results"]["choco"]["1"] == r["1"] == sm["results"]["allreduce_amsgrad"]["1"]
+    assert "choco" not in {c["algorithm"] for c in sm["criterion"]["checks"]}   # no n = 8 run
     assert r["8"]["lr"] == 2e-3 and r["8"]["lr_tuning"]["0.004"].startswith("failed")
     assert r["1"]["samples_to_target"]["hard"]["per_seed"] == [300.0, 300.0, 300.0]
     fast, slow = r["2"]["ratio_to_n1"]["hard"], r["8"]["ratio_to_n1"]["hard"]
@@ -218,10 +222,12 @@ def test_tiny_study_with_one_and_two_workers_then_skipped(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = sorted(p.name for p in (out / "runs").glob("*.json"))
-    assert names == [f"damsgrad_n{n}_lr{lr}_s0.json" for n in (1, 2) for lr in ("0.001", "0.003")]
+    # at n = 1 damsgrad is allreduce_amsgrad (S.SAME_AT_N1): that run set is trained, once
+    assert names == [f"{a}_n{n}_lr{lr}_s0.json" for a, n in (("allreduce_amsgrad", 1), ("damsgrad", 2))
+                     for lr in ("0.001", "0.003")]
     recs = {p.name: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     assert all(x["status"] == "ok" for x in recs.values()), [x.get("error") for x in recs.values()]
-    one, two = recs["damsgrad_n1_lr0.001_s0.json"], recs["damsgrad_n2_lr0.001_s0.json"]
+    one, two = recs["allreduce_amsgrad_n1_lr0.001_s0.json"], recs["damsgrad_n2_lr0.001_s0.json"]
     assert one["steps"] == 32 and two["steps"] == 16
     assert [c["samples"] for c in one["curve"]] == [c["samples"] for c in two["curve"]] == \
         [128, 256, 384, 512]
