@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, of {', '.join(ALGORITHMS)}")
     p.add_argument("--workers", type=_list(int, "--workers"), default=[1, 2, 4, 8],
                    help="numbers of workers n (must include 1, the baseline)")
+    p.add_argument("--only", type=_list(int, "--only"), default=None,
+                   help="train only these n now (of --workers, which still sets the budget); "
+                        "the other n's runs on disk are summarized as usual")
     p.add_argument("--lrs", type=_list(float, "--lrs"), default=[5e-4, 1e-3, 2e-3, 4e-3],
                    help="learning-rate grid (dense and table lr alike, not scaled with n)")
     p.add_argument("--seeds", type=_list(int, "--seeds"), default=[0, 1, 2],
@@ -767,6 +770,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("scaling: --workers must include 1 (the baseline)", file=sys.stderr)
         return 2
     args.workers = sorted(set(args.workers))
+    if args.only and not set(args.only) <= set(args.workers):
+        print(f"scaling: --only {','.join(map(str, args.only))} is not a subset of --workers "
+              f"{','.join(map(str, args.workers))}", file=sys.stderr)
+        return 2
     from ctrkit.errors import CtrkitError
     from ctrkit.ownership import OwnedFolder
     study = Study(args)
@@ -877,7 +884,7 @@ def _main(study: Study, args: argparse.Namespace) -> int:
     from ctrkit.errors import Interrupted
     stopped = None
     try:
-        for n in args.workers:
+        for n in args.only or args.workers:
             for a in dict.fromkeys(trained_as(a, n) for a in args.algorithms):
                 for lr in args.lrs:
                     study.run(a, n, lr, args.tune_seed, "tune")

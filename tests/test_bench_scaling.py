@@ -249,3 +249,19 @@ def test_tiny_study_with_one_and_two_workers_then_skipped(tmp_path):
     only = subprocess.run(cmd[:5] + ["--summarize-only"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert only.returncode == 0 and "wrote" in only.stdout, only.stderr[-2000:]
+
+
+def test_only_trains_the_named_n_with_the_budget_of_all(tmp_path, monkeypatch, capsys):
+    """--only 2 trains the n = 2 runs alone; the budget is still planned for all of --workers
+    (lcm 4 here), so runs made in separate invocations compare."""
+    cfg = _data(tmp_path, rows=400)
+    monkeypatch.setitem(S.ALGORITHMS, "broken",
+                        ["distributed.algorithm=damsgrad", "distributed.no_such_key=1"])
+    out = tmp_path / "study"
+    args = [str(cfg), "--out", str(out), "--algorithms", "broken", "--workers", "1,2,4", "--lrs",
+            "1e-3", "--seeds", "0", "--max-samples", "128", "--evals", "2"]
+    assert S.main(args + ["--only", "3"]) == 2
+    assert "not a subset" in capsys.readouterr().err
+    assert S.main(args + ["--only", "2"]) == 0
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["broken_n2_lr0.001_s0.json"]
+    assert json.loads((out / "study.json").read_text())["budget"]["lcm_workers"] == 4
