@@ -32,6 +32,7 @@ RUNS: Dict[str, List[str]] = {
     "damsgrad_tol0": ["distributed.algorithm=damsgrad", "distributed.gossip_tol=0"],
     "damsgrad_tol0.01": ["distributed.algorithm=damsgrad", "distributed.gossip_tol=0.01"],
     "damsgrad_tol0.03": ["distributed.algorithm=damsgrad", "distributed.gossip_tol=0.03"],
+    "damsgrad_tol0.1": ["distributed.algorithm=damsgrad", "distributed.gossip_tol=0.1"],
     "choco": ["distributed.algorithm=choco"],
     "choco_dense_sign": ["distributed.algorithm=choco", "distributed.dense_compressor=sign"],
     "choco_dense_int4": ["distributed.algorithm=choco", "distributed.dense_compressor=int4"],

@@ -11,7 +11,9 @@ With `gossip_tol` (RowGossip's `tol`) > 0:
 * traffic during training stays within a small multiple of the rows touched in recent steps
   (the exact algorithm, tol = 0, re-sends every row that ever differed);
 * after training it decays to nothing (every rank's last rounds send no row at all);
-* the network mean of x is kept to tol |x| and the replicas agree to a few tol |x|.
+* the network mean of x is kept to tol |x| and the replicas agree to a few tol |x|;
+* the same for the dense vector, which travels by blocks of DENSE_BLOCK entries under the same
+  rule (the MLP's 641 entries: three blocks, the last one padded).
 With tol = 0: the network mean is kept to float32 rounding and the consensus distance goes to
 float32 rounding over GOSSIP rounds (a float32 running sum s drifted: issue 15 point 2).
 In every case s = sum_j W_ij xhat_j holds to float64 rounding at the end.
@@ -36,7 +38,7 @@ import gossip_reference as ref
 from ctrkit.comm.exchange import NeighborExchange
 from ctrkit.comm.topology import build_topology
 from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
-from ctrkit.optim.decentralized import DecentralizedOptimizer
+from ctrkit.optim.decentralized import DENSE_BLOCK, DecentralizedOptimizer
 
 N, EDGES5 = 5, ((0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2))
 ROWS, D, B = 3000, 8, 24
@@ -51,10 +53,10 @@ class OneTable(nn.Module):
     def __init__(self):
         super().__init__()
         self.emb = BatchedEmbeddingBags([table_config("t0", "f0", ROWS, D)], init_std=0.1)
-        self.lin = nn.Linear(D, 1)
+        self.mlp = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, 1))
 
     def forward(self, kjt):
-        return self.lin(self.emb(kjt).reshape(kjt.stride(), -1)).squeeze(1)
+        return self.mlp(self.emb(kjt).reshape(kjt.stride(), -1)).squeeze(1)
 
 
 def _ids(rank: int, t: int) -> np.ndarray:
@@ -77,8 +79,11 @@ def _run(rank: int, tol: float) -> Dict[str, object]:
     opt = DecentralizedOptimizer(model, "damsgrad", topo, rank, ex, dense_lr=0.01, sparse_lr=0.02,
                                  eps=1e-16, gossip_tol=tol)
     width = 4 * D * len(topo.neighbors[rank])          # payload bytes of one row to all neighbours
-    sent, snaps, last = [], {}, 0
+    sent, dsent, snaps, last, dlast = [], [], {}, 0, 0
     w = model.emb.weight
+    dense = [p for n, p in model.named_parameters() if n.startswith("mlp.")]
+    numel = sum(p.numel() for p in dense)
+    block = 4 * DENSE_BLOCK * len(topo.neighbors[rank])   # bytes of one block to all neighbours
     for t in range(STEPS + GOSSIP):
         if t < STEPS:
             ids = torch.from_numpy(_ids(rank, t))
@@ -94,11 +99,21 @@ def _run(rank: int, tol: float) -> Dict[str, object]:
         now = opt.traffic["embedding_payload_bytes"]
         sent.append((now - last) / width)               # rows (x and u) sent this round
         last = now
+        dnow = opt.traffic["dense_payload_bytes"]
+        dsent.append((dnow - dlast) / block)             # dense blocks (x and u) sent this round
+        dlast = dnow
         if t + 1 in SNAP_AT:
             st = opt.state[w]
             snaps[t + 1] = {k: (w if k == "x" else st[k]).detach().double().numpy().copy()
                             for k in ("x", "xhat", "xsum", "u", "uhat", "usum", "vhat")}
-    return {"sent": np.array(sent), "snaps": snaps}
+            flat = lambda ts: torch.cat([q.detach().reshape(-1) for q in ts]).double().numpy()  # noqa: E731
+            snaps[t + 1]["dx"] = flat(dense)[:, None]    # as a table of one-entry rows
+            snaps[t + 1]["du"] = flat([opt.state[q]["u"] for q in dense])[:, None]
+            holder = opt.state[dense[0]]
+            for k in ("xbhat", "xbsum", "ubhat", "ubsum"):
+                if "dense_" + k in holder:
+                    snaps[t + 1]["d" + k] = holder["dense_" + k].reshape(-1)[:numel].numpy().copy()
+    return {"sent": np.array(sent), "dense_sent": np.array(dsent), "snaps": snaps}
 
 
 def _worker(rank: int, port: int, tols: List[float], outdir: str) -> None:
@@ -124,6 +139,7 @@ def runs(tmp_path_factory):
         with open(os.path.join(outdir, f"rank{r}.pkl"), "rb") as fh:
             per_rank.append(pickle.load(fh))
     return {tol: {"sent": np.stack([p[tol]["sent"] for p in per_rank], axis=1),
+                  "dense_sent": np.stack([p[tol]["dense_sent"] for p in per_rank], axis=1),
                   "snaps": {t: {k: np.stack([p[tol]["snaps"][t][k] for p in per_rank])
                                 for k in per_rank[0][tol]["snaps"][t]} for t in SNAP_AT}}
             for tol in tols}
@@ -191,10 +207,40 @@ def test_gossip_keeps_the_mean_and_agrees_to_the_tolerance(runs):
 def test_exact_gossip_keeps_the_mean_and_reaches_consensus(runs):
     """tol = 0: the network mean moves only by float32 rounding and the replicas agree to it."""
     a, b = runs[0.0]["snaps"][STEPS], runs[0.0]["snaps"][STEPS + GOSSIP]
-    for key in ("x", "u"):
+    for key in ("x", "u", "dx", "du"):
         scale = float(np.abs(a[key]).max())
         drift = float(np.abs(b[key].mean(axis=0) - a[key].mean(axis=0)).max())
         assert drift <= 1e-6 * scale, (key, drift / scale)
         start = float(np.abs(a[key] - a[key].mean(axis=0)).max())
         spread = float(np.abs(b[key] - b[key].mean(axis=0)).max())
         assert start > 1e-3 * scale and spread <= 1e-6 * scale, (key, start / scale, spread / scale)
+
+
+def test_dense_blocks_travel_while_they_move_and_then_stop(runs):
+    """With tol the dense vector goes by blocks: some rounds of training send fewer than all
+    three blocks of x and u, and after training the last 200 rounds send none. (Exact gossip,
+    tol = 0, sends the whole vector every round: not counted in blocks.)"""
+    train, after = runs[TOL]["dense_sent"][:STEPS], runs[TOL]["dense_sent"][STEPS:]
+    blocks = 2 * -(-641 // DENSE_BLOCK)                  # x and u
+    assert train.max() <= blocks and train.sum() > 0
+    assert after[:10].sum() > 0 and (after[-200:] == 0).all(), after[-200:].sum(axis=0).tolist()
+
+
+def test_dense_blocks_keep_the_mean_agree_to_the_tolerance_and_their_sums(runs):
+    """Over GOSSIP rounds with tol: each block's network mean moves by at most tol x its norm and
+    every worker's block ends within 3 tol x its norm of the mean (x and u); s = W x_hat holds to
+    float64 rounding for both public copies."""
+    a, b = runs[TOL]["snaps"][STEPS], runs[TOL]["snaps"][STEPS + GOSSIP]
+    W = _weights()
+    for key in ("dx", "du"):
+        pad = -(-a[key].shape[1] // DENSE_BLOCK) * DENSE_BLOCK - a[key].shape[1]
+        blocks = lambda v: np.pad(v[..., 0], [(0, 0), (0, pad)]).reshape(N, -1, DENSE_BLOCK)  # noqa: E731
+        xa, xb = blocks(a[key]), blocks(b[key])
+        scale = np.linalg.norm(xb.mean(axis=0), axis=-1)
+        moved = np.linalg.norm(xb.mean(axis=0) - xa.mean(axis=0), axis=-1)
+        assert (moved <= TOL * scale).all(), (key, (moved / scale).tolist())
+        spread = np.linalg.norm(xb - xb.mean(axis=0), axis=-1).max(axis=0)
+        assert (spread <= 3 * TOL * scale).all(), (key, (spread / scale).tolist())
+    for hat, s in (("dxbhat", "dxbsum"), ("dubhat", "dubsum")):
+        scale = float(np.abs(b[hat]).max())
+        assert float(np.abs(b[s] - W @ b[hat]).max()) <= 1e-12 * scale, s
