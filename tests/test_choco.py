@@ -233,3 +233,18 @@ def test_lossy_tracker_bound_counts_workers_not_ranks():
                                  sparse_lr=1e-3, compressor=build_compressor("topk:0.5+int8"),
                                  group_size=2)
     assert opt.tracker_bound == 1 / 3
+
+
+def test_a_gossip_tolerance_makes_the_tracker_lossy_and_bounded():
+    """With gossip_tol > 0 a settled block of the dense tracker skips consensus steps of up to tol
+    of its norm, so its small entries can go below zero: damsgrad then floors u at vhat / n as a
+    lossy tracker is (without it: the n = 8 reference run diverged at step 20). Exact damsgrad
+    (tol 0) keeps DESIGN.md's step."""
+    from torch import nn as _nn
+
+    from ctrkit.comm.topology import build_topology
+    from ctrkit.optim.decentralized import DecentralizedOptimizer
+    ring = build_topology("ring", 4)
+    make = lambda tol: DecentralizedOptimizer(_nn.Linear(2, 1), "damsgrad", ring, 0, None,  # noqa: E731
+                                              dense_lr=1e-3, sparse_lr=1e-3, gossip_tol=tol)
+    assert make(0.01).tracker_bound == 0.25 and make(0.0).tracker_bound == 0.0
