@@ -22,36 +22,70 @@ class _Strict(BaseModel):
 # Adam's (beta1, beta2): torch needs each in [0, 1).
 Betas = Annotated[List[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]
 
+# Every field carries a one-line `description`: docs/config.md is generated from them
+# (`python -m ctrkit.config_doc > docs/config.md`; tests/test_config_doc.py checks it is current).
+
 
 class FeatureSpec(_Strict):
     """One input column of a generic CSV/Parquet dataset."""
 
-    # (also a file name: vocab/<name>.arrow)
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=200)
-    type: Literal["categorical", "numeric"]
-    source: Optional[str] = None          # raw column name (default: name)
-    fill: Optional[Union[str, float]] = None  # value for missing entries (numeric default 0)
-    transform: Optional[Literal["none", "log", "criteo_bucket"]] = None  # numeric only; default data.dense_transform
-    min_count: Optional[int] = Field(default=None, ge=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=200,
+                      description="Feature name; also a file name (vocab/<name>.arrow).")
+    type: Literal["categorical", "numeric"] = Field(
+        description="`categorical`: ids from a vocabulary; `numeric`: a float input (or "
+                    "buckets, with transform criteo_bucket).")
+    source: Optional[str] = Field(default=None, description="Raw column name (default: `name`).")
+    fill: Optional[Union[str, float]] = Field(
+        default=None, description="Value for missing entries (numeric default 0; categorical "
+                                  "default: the missing id 1).")
+    transform: Optional[Literal["none", "log", "criteo_bucket"]] = Field(
+        default=None, description="Numeric only, as data.dense_transform (default: "
+                                  "data.dense_transform).")
+    min_count: Optional[int] = Field(default=None, ge=1, description="As data.min_count, for this "
+                                                                     "feature (default: data.min_count).")
 
 
 class DataConfig(_Strict):
-    format: Literal["criteo_tsv", "criteo_csv", "avazu_csv", "csv", "parquet"] = "criteo_tsv"
-    train: Optional[str] = None
-    valid: Optional[str] = None
-    test: Optional[str] = None
-    header: Literal["auto", True, False] = "auto"
-    delimiter: Optional[str] = Field(default=None, min_length=1, max_length=1)  # csv only; default ','
-    features: Optional[List[FeatureSpec]] = None
-    label: str = "label"
-    min_count: int = Field(default=1, ge=1)
-    dense_transform: Literal["none", "log", "criteo_bucket"] = "log"
-    prepared_dir: str = "data/prepared"
-    overwrite: bool = False                  # rebuild even an up-to-date prepared_dir (only ctrkit's files)
-    skip_bad_rows: bool = False              # count and skip malformed rows instead of failing
-    shard_rows: int = Field(default=1_000_000, ge=1)
-    read_block_mb: int = Field(default=16, ge=1)
-    read_whole_mb: int = Field(default=1024, ge=0)   # files up to this size are parsed in one parallel read
+    """Raw input files and how `prepare` turns them into vocabularies and encoded shards."""
+
+    format: Literal["criteo_tsv", "criteo_csv", "avazu_csv", "csv", "parquet"] = Field(
+        default="criteo_tsv",
+        description="Raw format: Criteo (label, I1-I13, C1-C26) as TSV or CSV, Avazu CSV, or "
+                    "generic csv/parquet described by `features`.")
+    train: Optional[str] = Field(default=None, description="Training split: a path or a glob "
+                                 "(relative paths resolve against the config file's folder).")
+    valid: Optional[str] = Field(default=None, description="Validation split (path or glob); "
+                                 "without it nothing is evaluated during training.")
+    test: Optional[str] = Field(default=None, description="Test split (path or glob), evaluated "
+                                "with the best checkpoint at the end.")
+    header: Literal["auto", True, False] = Field(
+        default="auto", description="Whether files start with a header line; `auto` guesses from "
+                                    "the first line.")
+    delimiter: Optional[str] = Field(default=None, min_length=1, max_length=1, description=(
+        "Field separator of the CSV formats (default `,`); criteo_tsv is tab-separated."))
+    features: Optional[List[FeatureSpec]] = Field(default=None, description=(
+        "csv/parquet: the features to build (required there; names unique), see data.features[]."))
+    label: str = Field(default="label", description="Label column of csv/parquet files (Criteo's "
+                                                    "is `label`, Avazu's `click`).")
+    min_count: int = Field(default=1, ge=1, description="Values seen fewer times in the training "
+                           "split share the out-of-vocabulary id 0.")
+    dense_transform: Literal["none", "log", "criteo_bucket"] = Field(
+        default="log", description="Numeric features: `log` sign(x)·log1p|x| as a dense input; "
+                                   "`criteo_bucket` floor(ln(x)^2) buckets as a categorical "
+                                   "feature; `none`.")
+    prepared_dir: str = Field(default="data/prepared", description=(
+        "Folder for vocabularies, shards and schema.json; reused while the data keys and input "
+        "files are unchanged."))
+    overwrite: bool = Field(default=False, description="Rebuild even an up-to-date prepared_dir "
+                                                       "(removes only ctrkit's files).")
+    skip_bad_rows: bool = Field(default=False, description="Count and skip malformed rows instead "
+                                                           "of failing.")
+    shard_rows: int = Field(default=1_000_000, ge=1, description="Rows per encoded shard "
+                                                                 "(part-NNNNN folder).")
+    read_block_mb: int = Field(default=16, ge=1, description="Block size of the CSV reader for "
+                               "files read in blocks (speed only).")
+    read_whole_mb: int = Field(default=1024, ge=0, description="Files up to this size are parsed "
+                               "in one parallel read (speed only).")
 
     @model_validator(mode="after")
     def _generic_needs_features(self) -> "DataConfig":
@@ -69,18 +103,30 @@ class ModelConfig(BaseModel):
     against the constructor's signature by `Config`, see `_model_keys_fit_the_constructor`)."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "deepfm"
+    name: str = Field(default="deepfm", description=(
+        "A registered model (`lr`, `fm`, `deepfm`, or your own: docs/extending.md); every other "
+        "key of the section goes to its constructor."))
 
 
 class SparseOptConfig(_Strict):
-    name: Literal["adam", "amsgrad", "rowwise_adagrad", "adagrad", "sgd"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: Betas = [0.9, 0.999]
-    eps: float = Field(default=1e-8, gt=0)
-    rowwise: bool = False   # adam/amsgrad: one second-moment scalar per row
-    lr_overrides: Dict[str, PositiveFloat] = {}   # {module-path prefix: lr}, e.g. {linear: 1.0e-2}
-    fused: bool = False     # fbgemm TBE with the update fused into backward (rowwise_adagrad, adagrad, sgd)
+    """The embedding tables' row-sparse optimizer: a step changes only the rows (and their
+    state) that the batch touched."""
+
+    name: Literal["adam", "amsgrad", "rowwise_adagrad", "adagrad", "sgd"] = Field(
+        default="adam", description="Optimizer of the tables (lazy: only touched rows).")
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate of the tables.")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 weight decay, applied to "
+                                                               "touched rows only.")
+    betas: Betas = Field(default=[0.9, 0.999], description="adam/amsgrad: (beta1, beta2).")
+    eps: float = Field(default=1e-8, gt=0, description="Term added to the denominator "
+                                                       "(adam, amsgrad, adagrad).")
+    rowwise: bool = Field(default=False, description="adam/amsgrad: one second-moment scalar per "
+                                                     "row.")
+    lr_overrides: Dict[str, PositiveFloat] = Field(default={}, description=(
+        "{module-path prefix: lr} for some tables, e.g. {linear: 1.0e-2}; the rest keep `lr`."))
+    fused: bool = Field(default=False, description=(
+        "fbgemm TBE with the update fused into backward (rowwise_adagrad, adagrad, sgd only; "
+        "tables whose dimension is not a multiple of 4 stay row-sparse)."))
 
     @model_validator(mode="after")
     def _fused_needs_fbgemm_optimizer(self) -> "SparseOptConfig":
@@ -91,19 +137,28 @@ class SparseOptConfig(_Strict):
 
 
 class DenseOptConfig(_Strict):
-    name: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: Betas = [0.9, 0.999]
-    eps: float = Field(default=1e-8, gt=0)
+    """The optimizer of every parameter that is not an embedding table (MLP, dense weights)."""
+
+    name: Literal["adam", "adamw", "sgd", "adagrad"] = Field(
+        default="adam", description="Optimizer of the dense parameters (torch's).")
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate of the dense parameters.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay (adamw: decoupled).")
+    betas: Betas = Field(default=[0.9, 0.999], description="adam/adamw: (beta1, beta2).")
+    eps: float = Field(default=1e-8, gt=0, description="Term added to the denominator (adam, "
+                                                       "adamw, adagrad).")
 
 
 class ScheduleConfig(_Strict):
     """Per-step learning-rate schedule for every optimizer (dense, tables, fused tables)."""
-    name: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)      # linear ramp from lr / warmup_steps to lr
-    total_steps: int = Field(default=0, ge=0)       # 0: epochs x steps per epoch (max_steps does not count)
-    final_ratio: float = Field(default=0.1, ge=0, le=1)   # lr at total_steps / peak lr
+    name: Literal["constant", "cosine", "linear"] = Field(
+        default="constant", description="After the warmup: constant, or a cosine/linear decay "
+                                        "to final_ratio x lr at total_steps.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear ramp from lr / warmup_steps "
+                                                           "to lr over this many steps.")
+    total_steps: int = Field(default=0, ge=0, description=(
+        "End of the decay, above warmup_steps; 0: epochs x steps per epoch (max_steps does not "
+        "count)."))
+    final_ratio: float = Field(default=0.1, ge=0, le=1, description="lr at total_steps / peak lr.")
 
     @model_validator(mode="after")
     def _warmup_ends_before_the_decay(self) -> "ScheduleConfig":
@@ -114,97 +169,148 @@ class ScheduleConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    dense: DenseOptConfig = DenseOptConfig()
-    sparse: SparseOptConfig = SparseOptConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    """Optimizers and learning-rate schedule. dpsgd, damsgrad and choco (and base_optimizer
+    amsgrad) step with their own rule: they take only dense.lr, sparse.lr and sparse.betas (for
+    both parts) from here."""
+
+    dense: DenseOptConfig = Field(default=DenseOptConfig(), description="The dense parameters' "
+                                                                        "optimizer.")
+    sparse: SparseOptConfig = Field(default=SparseOptConfig(), description="The embedding "
+                                                                           "tables' optimizer.")
+    schedule: ScheduleConfig = Field(default=ScheduleConfig(), description=(
+        "Per-step schedule of every optimizer; composes with train.lr_plateau's cuts."))
 
 
 class EarlyStopConfig(_Strict):
-    monitor: Literal["valid_auc", "valid_logloss"] = "valid_auc"
-    patience: int = Field(default=2, ge=1)   # evaluations without improvement before stopping
-    enabled: bool = True
+    """Which evaluation is best, and when to stop."""
+
+    monitor: Literal["valid_auc", "valid_logloss"] = Field(
+        default="valid_auc", description="Metric that picks the best checkpoint and drives early "
+                                         "stopping and lr_plateau.")
+    patience: int = Field(default=2, ge=1, description="Evaluations without improvement before "
+                                                       "stopping.")
+    enabled: bool = Field(default=True, description="Stop early (the best checkpoint is kept "
+                                                    "either way).")
 
 
 class PlateauConfig(_Strict):
-    factor: float = Field(default=0.1, gt=0, lt=1)
-    patience: int = Field(default=1, ge=0)
-    min_lr: float = Field(default=1e-6, ge=0)
-    enabled: bool = True
+    """Learning-rate cuts when the monitored metric stops improving (torch's ReduceLROnPlateau)."""
+
+    factor: float = Field(default=0.1, gt=0, lt=1, description="Multiply the learning rates by "
+                                                               "this at a plateau.")
+    patience: int = Field(default=1, ge=0, description="Evaluations without improvement before "
+                                                       "a cut.")
+    min_lr: float = Field(default=1e-6, ge=0, description="Lower bound of the learning rates.")
+    enabled: bool = Field(default=True, description="Cut learning rates at plateaus.")
 
 
 class TrainConfig(_Strict):
-    batch_size: int = Field(default=4096, ge=1)
-    eval_batch_size: int = Field(default=16384, ge=1)
-    epochs: int = Field(default=1, ge=1)
-    eval_every: int = Field(default=0, ge=0)          # steps; 0 = once per epoch
-    max_steps: int = Field(default=0, ge=0)           # 0 = no limit; stops (and checkpoints) after N steps
-    checkpoint_every: int = Field(default=0, ge=0)    # steps; 0 = at each evaluation; always at the end
-    early_stop: EarlyStopConfig = EarlyStopConfig()
-    lr_plateau: PlateauConfig = PlateauConfig()
-    threads: int = Field(default=0, ge=0)             # torch intra-op threads; 0 = leave torch's default
-    # auto: the GPU when torch sees one (rank r of a node takes cuda:<local rank>), else the CPU;
-    # cpu; cuda; cuda:N (every rank on GPU N: only with gloo, e.g. several ranks on one GPU).
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
-    seed: int = Field(default=0, ge=0, lt=2**32)      # numpy's global seed is 32 bits
-    shuffle: bool = True
-    prefetch: int = Field(default=4, ge=0)            # batches prepared ahead in a background thread
-    run_dir: str = "runs/default"
-    resume: bool = False
-    # Start from a saved model's weights (a `.pt` checkpoint, or the torch.distributed.checkpoint
-    # folder of a sharded run, which loads into any shard group size); optimizer state starts fresh.
-    init_from: Optional[str] = None
-    overwrite: bool = False                           # start over in a run_dir (removes only ctrkit's files)
-    log_every: int = Field(default=50, ge=1)
-    progress: bool = True
-    tensorboard: bool = True
-    plot: bool = True
-    # > 0: evaluate, keep as best and export an exponential moving average of the weights (decay
-    # per step; table rows averaged lazily, ctrkit/train/ema.py). 0.95 averages the last ~20
-    # steps: +0.002-0.003 valid AUC after one epoch on the reference data. 0 = the last step's weights.
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    """The training loop: batches, evaluation, checkpoints, logging, device."""
+
+    batch_size: int = Field(default=4096, ge=1, description="Training samples per step and rank.")
+    eval_batch_size: int = Field(default=16384, ge=1, description="Samples per evaluation batch.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training split.")
+    eval_every: int = Field(default=0, ge=0, description=(
+        "Evaluate every this many steps; 0 = once per epoch (each epoch's end is always "
+        "evaluated)."))
+    max_steps: int = Field(default=0, ge=0, description="0 = no limit; stops (and checkpoints) "
+                                                        "after N steps.")
+    checkpoint_every: int = Field(default=0, ge=0, description="Save `last` every N steps; 0 = at "
+                                                               "each evaluation; always at the end.")
+    early_stop: EarlyStopConfig = Field(default=EarlyStopConfig(), description=(
+        "Best-checkpoint metric and early stopping."))
+    lr_plateau: PlateauConfig = Field(default=PlateauConfig(), description=(
+        "Learning-rate cuts at plateaus."))
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = leave torch's "
+                                                      "default.")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description=(
+        "auto: the GPU when torch sees one (rank r of a node takes cuda:<local rank>), else the "
+        "CPU; cpu; cuda; cuda:N (every rank on GPU N: only with gloo, e.g. several ranks on one "
+        "GPU)."))
+    seed: int = Field(default=0, ge=0, lt=2**32, description=(
+        "Seed of torch, numpy and random, the same on every rank (numpy's global seed is 32 "
+        "bits)."))
+    shuffle: bool = Field(default=True, description="Shuffle the training split every epoch.")
+    prefetch: int = Field(default=4, ge=0, description="Batches prepared ahead in a background "
+                                                       "thread.")
+    run_dir: str = Field(default="runs/default", description="Run folder: config, metrics, "
+                                                             "curves, TensorBoard, checkpoints.")
+    resume: bool = Field(default=False, description="Continue from run_dir's last checkpoint "
+                                                    "(bit for bit).")
+    init_from: Optional[str] = Field(default=None, description=(
+        "Start from a saved model's weights (a `.pt` checkpoint, or the "
+        "torch.distributed.checkpoint folder of a sharded run, which loads into any shard group "
+        "size); optimizer state starts fresh."))
+    overwrite: bool = Field(default=False, description="Start over in a run_dir (removes only "
+                                                       "ctrkit's files).")
+    log_every: int = Field(default=50, ge=1, description="Log the training loss every N steps "
+                                                         "(metrics.csv, TensorBoard).")
+    progress: bool = Field(default=True, description="Show progress bars.")
+    tensorboard: bool = Field(default=True, description="Write TensorBoard scalars to run_dir/tb.")
+    plot: bool = Field(default=True, description="Draw run_dir/curves.png.")
+    ema_decay: float = Field(default=0.0, ge=0, lt=1, description=(
+        "> 0: evaluate, keep as best and export an exponential moving average of the weights "
+        "(decay per step; table rows averaged lazily: ctrkit/train/ema.py); "
+        "0 = the last step's weights. Not with dpsgd/damsgrad/choco, shard groups or fused "
+        "tables."))
 
 
 class DistributedConfig(_Strict):
-    workers: int = Field(default=1, ge=1)   # >1: `ctrkit train` launches this many ranks (torchrun)
-    algorithm: Literal["local", "allreduce", "dpsgd", "damsgrad", "choco"] = "local"
-    topology: Literal["ring", "torus", "exponential", "complete", "edges"] = "ring"
-    edges: Optional[List[List[int]]] = None     # topology: edges
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    timeout_s: float = Field(default=300.0, gt=0)   # a dead or hung peer ends the run after this
-    # damsgrad/choco: step m / sqrt(max(u, eps)); 1e-16 floors the denominator at 1e-8, as
-    # Adam's eps does (1e-8 floored it at 1e-4, above most embedding rows' sqrt(u)).
-    eps: float = Field(default=1e-16, gt=0)
-    rowwise_tracker: bool = False                # damsgrad: one second moment per embedding row
-    # damsgrad/choco: Adam's bias correction (step x sqrt(1 - b2^t) / (1 - b1^t), t the global
-    # step), as torch's Adam(amsgrad=True) has; DESIGN.md's equations have none.
-    bias_correction: bool = False
-    # allreduce/local: step with "config"'s optimizers (optimizer.dense/sparse), or with "amsgrad",
-    # damsgrad's local step (m / sqrt(max(vhat, eps)), eps, rowwise_tracker and bias_correction as
-    # above) after the gradient average, so allreduce at n = 1 is bit-identical to damsgrad at n = 1.
-    base_optimizer: Literal["config", "amsgrad"] = "config"
-    max_restarts: int = Field(default=0, ge=0)   # torchrun restarts (resume from the last checkpoint)
-    # Learning rates x n^0 / n^0.5 / n for n workers; auto: sqrt for Adam-type allreduce, linear
-    # for SGD, min(sqrt(n), 2) for Adam-type damsgrad/choco (optim/build.py: worker_lr_scale).
-    lr_scaling: Literal["none", "sqrt", "linear", "auto"] = "none"
-    # choco: C(x - x_hat) goes to the neighbours (see ctrkit/comm/compress.py for the specs),
-    # x += gamma (s - x_hat); the tracker u is compressed too, or sent exactly every k steps.
-    compressor: str = "topk:0.01+int8"
-    # The MLP's vector (and its tracker) as signs, 1 bit per entry and a scale per group: on the
-    # reference data choco then matches allreduce at n = 4 on 10 % of its wire bytes, int8 needed
-    # 45 % (bench/RESULTS.md). None: the same as `compressor`.
-    dense_compressor: Optional[str] = "sign"
-    gamma: float = Field(default=0.3, gt=0, le=1)
-    tracker: Literal["compressed", "exact"] = "compressed"
-    tracker_every: int = Field(default=1, ge=1)
-    # damsgrad/dpsgd/choco tables: a row travels when its unsent difference |x - x_hat| exceeds
-    # gossip_tol * |x| (row norms); the rest stays in x - x_hat (error feedback) and a row whose
-    # consensus step is below the tolerance too leaves the send set until touched or received
-    # (docs: optim/decentralized.py). 0: every row that differs at all, every round.
-    gossip_tol: float = Field(default=0.01, ge=0, lt=1)
-    # Ranks per shard group: k ranks split the tables with torchrec (table-/column-wise) and act as
-    # one decentralized worker fed the union of their batches; the workers/k groups gossip.
-    # 1: every rank holds all tables; workers: pure model parallelism, no gossip.
-    shard_group_size: int = Field(default=1, ge=1)
+    """Several ranks: the algorithm, its graph, compression and shard groups
+    (docs/decentralized.md, docs/compression.md, docs/sharding.md)."""
+
+    workers: int = Field(default=1, ge=1, description=">1: `ctrkit train` launches this many "
+                                                      "ranks (torchrun).")
+    algorithm: Literal["local", "allreduce", "dpsgd", "damsgrad", "choco"] = Field(
+        default="local", description=(
+            "local: no communication; allreduce: averaged gradients; dpsgd: SGD + gossip; "
+            "damsgrad: decentralized AMSGrad with a gossiped tracker; choco: damsgrad with "
+            "compressed gossip."))
+    topology: Literal["ring", "torus", "exponential", "complete", "edges"] = Field(
+        default="ring", description="Gossip graph of the workers (`edges`: the `edges` list).")
+    edges: Optional[List[List[int]]] = Field(default=None, description=(
+        "topology edges: [[i, j], ...] pairs of workers (undirected; the graph must be "
+        "connected)."))
+    backend: Literal["auto", "gloo", "nccl"] = Field(default="auto", description=(
+        "auto: NCCL for ranks with a GPU each, gloo for CPU ranks and ranks sharing one GPU."))
+    timeout_s: float = Field(default=300.0, gt=0, description="A dead or hung peer ends the run "
+                                                              "after this many seconds.")
+    eps: float = Field(default=1e-16, gt=0, description=(
+        "damsgrad/choco (and base_optimizer amsgrad): step m / sqrt(max(u, eps)); 1e-16 floors "
+        "the denominator at 1e-8, as Adam's eps does."))
+    rowwise_tracker: bool = Field(default=False, description=(
+        "damsgrad/choco (and base_optimizer amsgrad): one second moment per embedding row."))
+    bias_correction: bool = Field(default=False, description=(
+        "damsgrad/choco: Adam's bias correction (step x sqrt(1 - b2^t) / (1 - b1^t), t the "
+        "global step), as torch's Adam(amsgrad=True) has; DESIGN.md's equations have none."))
+    base_optimizer: Literal["config", "amsgrad"] = Field(default="config", description=(
+        "allreduce/local: step with optimizer.dense/sparse (`config`), or with damsgrad's AMSGrad "
+        "step after the gradient average (`amsgrad`; eps, rowwise_tracker, bias_correction as "
+        "damsgrad's)."))
+    max_restarts: int = Field(default=0, ge=0, description="torchrun restarts (resume from the "
+                                                           "last checkpoint).")
+    lr_scaling: Literal["none", "sqrt", "linear", "auto"] = Field(default="none", description=(
+        "Learning rates x n^0 / n^0.5 / n for n workers; auto: by algorithm and optimizer "
+        "(optim/build.py: worker_lr_scale)."))
+    compressor: str = Field(default="topk:0.01+int8", description=(
+        "choco: C(x - x_hat) of the tables (and their tracker), a spec such as topk:0.01+int8 "
+        "(docs/compression.md)."))
+    dense_compressor: Optional[str] = Field(default="sign", description=(
+        "choco: the compressor of the dense vector and its tracker; null: the same as "
+        "`compressor`."))
+    gamma: float = Field(default=0.3, gt=0, le=1, description="choco: consensus step, "
+                                                              "x += gamma (s - x_hat).")
+    tracker: Literal["compressed", "exact"] = Field(default="compressed", description=(
+        "choco: the tracker u goes through the compressed gossip, or exactly every "
+        "tracker_every steps."))
+    tracker_every: int = Field(default=1, ge=1, description="choco with tracker exact: gossip the "
+                                                            "tracker every k steps.")
+    gossip_tol: float = Field(default=0.01, ge=0, lt=1, description=(
+        "Gossip of dpsgd/damsgrad/choco tables (and dpsgd/damsgrad dense blocks): a row travels "
+        "while |x - x_hat| > gossip_tol x |x|; 0: every row that differs, every round."))
+    shard_group_size: int = Field(default=1, ge=1, description=(
+        "Ranks per shard group (divides workers; dpsgd/damsgrad/choco): they split the tables "
+        "and act as one worker; 1: replicas; workers: model parallelism."))
 
     @field_validator("compressor", "dense_compressor")
     @classmethod
@@ -216,24 +322,37 @@ class DistributedConfig(_Strict):
 
 
 class SynthConfig(_Strict):
-    out_dir: str = "data/synth"
-    rows: int = Field(default=200_000, ge=1)
-    valid_rows: int = Field(default=20_000, ge=0)
-    test_rows: int = Field(default=20_000, ge=0)
-    seed: int = Field(default=0, ge=0)
-    pos_rate: float = Field(default=0.25, gt=0, lt=1)
-    card_scale: float = Field(default=1.0, gt=0)
-    max_card: int = Field(default=1_000_000, ge=2, le=2**32)   # ids are 8 hex characters
-    overwrite: bool = False
+    """`ctrkit synth`: Criteo-format TSV files from a hidden logistic model whose ceiling AUC is
+    known (ctrkit/data/synth.py)."""
+
+    out_dir: str = Field(default="data/synth", description="Folder of train/valid/test.tsv and "
+                                                           "meta.json.")
+    rows: int = Field(default=200_000, ge=1, description="Training rows.")
+    valid_rows: int = Field(default=20_000, ge=0, description="Validation rows (0: no file).")
+    test_rows: int = Field(default=20_000, ge=0, description="Test rows (0: no file).")
+    seed: int = Field(default=0, ge=0, description="Seed; the same arguments give the same bytes.")
+    pos_rate: float = Field(default=0.25, gt=0, lt=1, description="Mean click probability of the "
+                                                                  "hidden model.")
+    card_scale: float = Field(default=1.0, gt=0, description="Factor on Criteo's vocabulary "
+                                                             "sizes of C1-C26.")
+    max_card: int = Field(default=1_000_000, ge=2, le=2**32, description=(
+        "Largest vocabulary of a feature (ids are 8 hex characters)."))
+    overwrite: bool = Field(default=False, description="Replace files synth wrote before.")
 
 
 class Config(_Strict):
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    train: TrainConfig = TrainConfig()
-    distributed: DistributedConfig = DistributedConfig()
-    synth: SynthConfig = SynthConfig()
+    """The whole tree: one section per part of a run."""
+
+    data: DataConfig = Field(default=DataConfig(), description="Input data and preparation.")
+    model: ModelConfig = Field(default=ModelConfig(), description="The model and its "
+                                                                  "constructor's keys.")
+    optimizer: OptimizerConfig = Field(default=OptimizerConfig(), description="Optimizers and "
+                                                                              "schedule.")
+    train: TrainConfig = Field(default=TrainConfig(), description="The training loop.")
+    distributed: DistributedConfig = Field(default=DistributedConfig(), description=(
+        "Several workers: algorithm, graph, compression, shard groups."))
+    synth: SynthConfig = Field(default=SynthConfig(), description="Synthetic data "
+                                                                  "(`ctrkit synth`).")
 
     @model_validator(mode="after")
     def _model_keys_fit_the_constructor(self) -> "Config":
