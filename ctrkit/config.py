@@ -64,7 +64,7 @@ class DataConfig(_Strict):
     delimiter: Optional[str] = Field(default=None, min_length=1, max_length=1, description=(
         "Field separator of the CSV formats (default `,`); criteo_tsv is tab-separated."))
     features: Optional[List[FeatureSpec]] = Field(default=None, description=(
-        "csv/parquet: the features to build (required there; names unique), see data.features[]."))
+        "csv/parquet: the features to build (required there; names unique)."))
     label: str = Field(default="label", description="Label column of csv/parquet files (Criteo's "
                                                     "is `label`, Avazu's `click`).")
     min_count: int = Field(default=1, ge=1, description="Values seen fewer times in the training "
@@ -99,8 +99,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(BaseModel):
-    """`name` picks a registered model; every other key is passed to its constructor (checked
-    against the constructor's signature by `Config`, see `_model_keys_fit_the_constructor`)."""
+    """`name` picks a registered model; every other key of the section is passed to its
+    constructor, and checked against the constructor's signature when the config loads."""
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(default="deepfm", description=(
