@@ -358,3 +358,39 @@ def test_two_ranks_through_the_launcher(prepared, tmp_path):
     a, b = (load_checkpoint(last_rank_checkpoint(run / "checkpoints", i)) for i in (0, 1))
     assert a["step"] == b["step"] == 12
     assert _same_state(a["model"], b["model"]) and _same_state(a["optimizers"], b["optimizers"])
+
+
+def test_a_worker_without_neighbours_keeps_no_public_copies():
+    """On single_worker() gossip is the identity (s = x_hat, x never moves), so the optimizer skips
+    it and holds no float64 public copies of its tables, tracker or dense vector (they were
+    two float64 copies of every table: ~0.8 GB on the reference data). Its step is the one the
+    gossip would give, bit for bit (checked against the code before the skip when it was made)."""
+    from torch import nn as _nn
+    from torchrec import KeyedJaggedTensor
+
+    from ctrkit.comm.exchange import NeighborExchange
+    from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
+    from ctrkit.optim.decentralized import DecentralizedOptimizer
+
+    class _M(_nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = BatchedEmbeddingBags([table_config("t0", "f0", 50, 4)], init_std=0.1)
+            self.lin = _nn.Linear(4, 1)
+
+        def forward(self, kjt):
+            return self.lin(self.emb(kjt).reshape(kjt.stride(), -1)).squeeze(1)
+
+    for tol in (0.0, 0.01):
+        torch.manual_seed(0)
+        m = _M()
+        opt = DecentralizedOptimizer(m, "damsgrad", single_worker(), 0, NeighborExchange(0, ()),
+                                     dense_lr=0.01, sparse_lr=0.01, gossip_tol=tol)
+        kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1, 7, 7, 3]),
+                                lengths=torch.ones(4, dtype=torch.int32), stride=4)
+        before = m.emb.weight.detach().clone()
+        m(kjt).sum().backward()
+        opt.step()
+        assert not torch.equal(before, m.emb.weight.detach())          # it did step
+        assert opt.public_copy_bytes() == 0 and opt.bytes_sent == 0
+        assert not any(k.endswith("dirty") for st in opt.state.values() for k in st)

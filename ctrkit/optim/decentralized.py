@@ -242,6 +242,10 @@ class DecentralizedOptimizer(Optimizer):
             (tracker == "compressed" and (lossy(self.compressor) or lossy(self.dense_compressor)))
             or gossip_tol > 0) else 0.0)
         self.traffic: Counter = Counter()
+        # Without neighbours (one worker, or allreduce's local AMSGrad step) gossip is the
+        # identity: s = x_hat, so x never moves. It is skipped, with its public copies (two
+        # float64 copies of every table and tracker): the same step, bit for bit.
+        self.alone = not topo.neighbors[rank]
 
     def _step_count(self) -> int:
         """Gossip round counter (in the state so that a resumed run draws the same seeds)."""
@@ -321,7 +325,9 @@ class DecentralizedOptimizer(Optimizer):
         flat_x = torch.cat([p.data.reshape(-1) for p in params])
         flat_u = torch.cat([self.state[p]["u"].reshape(-1) for p in params]) if self.adaptive else None
         holder = self.state[params[0]]
-        if self.dense_compressor is None and self.gossip_tol:   # exact up to tol, by blocks
+        if self.alone:
+            new_x, new_u = flat_x, flat_u
+        elif self.dense_compressor is None and self.gossip_tol:   # exact up to tol, by blocks
             new_x = self._dense_blocks(holder, "dense_xb", flat_x, t)
             new_u = self._dense_blocks(holder, "dense_ub", flat_u, t) if self.adaptive else None
         elif self.dense_compressor is None:   # exact: x (and u) in one packed buffer per neighbour
@@ -370,9 +376,10 @@ class DecentralizedOptimizer(Optimizer):
                 st["m"] = torch.zeros_like(p)
                 for k in ("v", "vhat", "u"):
                     st[k] = torch.zeros(p.shape[0], dv, dtype=p.dtype, device=p.device)
-            xg = RowGossip(p.data, st, "x", self.compressor, self.gamma, self.gossip_tol)
+            xg = None if self.alone else RowGossip(p.data, st, "x", self.compressor, self.gamma,
+                                                   self.gossip_tol)
             ug, how = None, None
-            if self.adaptive:
+            if self.adaptive and not self.alone:
                 how = self._tracker_gossip(self.compressor, t)
                 compressed = how == "compressed"
                 ug = RowGossip(st["u"], st, "u", self.compressor if compressed else None,
@@ -392,9 +399,11 @@ class DecentralizedOptimizer(Optimizer):
                 vhat_new = torch.maximum(vhat_old, v)
             elif rows is not None:   # dpsgd: local SGD step on touched rows, before gossip
                 add_rows_(p.data, rows, g, alpha=-group["lr"])
-                xg.mark(rows)
-            xg.step(self.exchange, self.topo, self.rank, t, 2 + 2 * i, self.traffic,
-                    self.group_size)
+                if xg is not None:
+                    xg.mark(rows)
+            if xg is not None:
+                xg.step(self.exchange, self.topo, self.rank, t, 2 + 2 * i, self.traffic,
+                        self.group_size)
             if how is not None:
                 ug.step(self.exchange, self.topo, self.rank, t, 3 + 2 * i, self.traffic,
                         self.group_size)
@@ -406,8 +415,9 @@ class DecentralizedOptimizer(Optimizer):
                     u = torch.maximum(u, vhat_new * self.tracker_bound)
                 u = u.clamp(min=group["eps"]).sqrt()
                 add_rows_(p.data, rows, m / u, alpha=-self._step_size(group, t))
-                xg.mark(rows)
-                ug.mark(rows)
+                if xg is not None:
+                    xg.mark(rows)
+                    ug.mark(rows)
 
     @staticmethod
     def _own_dtype(key: str):
