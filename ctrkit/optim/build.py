@@ -43,19 +43,20 @@ def worker_lr_scale(rule: str, algorithm: str, workers: int, dense_adaptive: boo
                     tables_adaptive: bool = True) -> Tuple[float, float]:
     """(dense, tables) learning-rate factors for n workers with a fixed per-worker batch.
 
-    `sqrt` and `linear` scale both parts by n^0.5 or n. `auto` is what the two studies measured
-    (bench/results/scaling: 600k synthetic rows, batch 256 per worker; bench/results/damsgrad_gap:
-    the reference data, batch 1024 per worker; both on a ring):
-    - SGD (dpsgd, or allreduce with SGD): linear, the rate of the linear-speedup analyses;
-    - Adam-type with allreduce: sqrt, the square-root rule: averaging n gradients also shrinks
-      Adam's denominator. Linear won on the reference data's short runs (122 steps at n = 4: AUC
-      0.7206 vs 0.7162) but lost on the scaling study's longer ones (586 steps at n = 4: final
-      logloss 0.4265, never reaching the target that sqrt reaches in 246 steps);
-    - Adam-type with damsgrad/choco: min(sqrt(n), 2) on both parts. Each worker's step is
-      normalised by one worker's second moment, and a larger step grows the distance between
-      replicas on a sparse graph: on the reference data at n = 8, x 1 / x 2 / x 2.83 / x 4 gave
-      0.7065 / 0.7171 / 0.7040 / 0.7033 (consensus distance of the tables 6.0 at x 2, 11.9 at
-      x 2.83).
+    `none` is 1; `sqrt` and `linear` scale both parts by n^0.5 or n. `auto` picks by algorithm
+    and by whether each part's optimizer is Adam-type (`dense_adaptive`, `tables_adaptive`):
+    - SGD (dpsgd, which always steps with SGD, or allreduce with SGD): linear, the rate of the
+      linear-speedup analyses;
+    - allreduce, Adam-type: sqrt. Averaging n gradients also shrinks Adam's denominator; the
+      linear rate was ahead in the reference data's short runs and behind in the scaling
+      study's longer ones;
+    - damsgrad/choco, Adam-type: min(sqrt(n), 2) on both parts. Each worker's step is normalised
+      by one worker's second moment, and a larger step grows the distance between replicas on a
+      sparse graph.
+    `local` and a single worker: 1. The runs behind `auto` are in bench/results/damsgrad_gap/
+    (the reference data; summary.json lists them) and bench/results/scaling/ (synthetic data;
+    bench/RESULTS.md says what that older study can and cannot show); the rule is
+    docs/decentralized.md's.
     """
     if workers <= 1 or rule == "none" or algorithm == "local":
         return 1.0, 1.0
