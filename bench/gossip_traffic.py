@@ -37,6 +37,7 @@ RUNS: Dict[str, List[str]] = {
                                  "distributed.rowwise_tracker=true"],
     "choco": ["distributed.algorithm=choco"],
     "choco_gamma0.5": ["distributed.algorithm=choco", "distributed.gamma=0.5"],
+    "choco_tol0.1": ["distributed.algorithm=choco", "distributed.gossip_tol=0.1"],
     "choco_topk0.02": ["distributed.algorithm=choco", "distributed.compressor=topk:0.02+int8"],
     "choco_dense_sign": ["distributed.algorithm=choco", "distributed.dense_compressor=sign"],
     "choco_dense_int4": ["distributed.algorithm=choco", "distributed.dense_compressor=int4"],
@@ -98,23 +99,26 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("../runs/bench_gossip_traffic"),
                     help="where the run folders go (their checkpoints are removed after each run)")
     ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
+    ap.add_argument("--seeds", default="0", help="train.seed of each run; seed s > 0 writes "
+                    "<name>_n<n>_s<s>.json")
     a = ap.parse_args(argv)
     names = a.runs.split(",")
     unknown = [x for x in names if x not in RUNS]
     if unknown:
         ap.error(f"--runs: unknown run {unknown[0]!r}; known: {', '.join(RUNS)}")
     a.out.mkdir(parents=True, exist_ok=True)
-    for n in (int(x) for x in a.workers.split(",")):
-        for name in names:
-            path = a.out / f"{name}_n{n}.json"
-            if path.exists():
-                print(f"skip {path.name} (done)")
-                continue
-            r = run_one(a.config, name, n, a.samples, a.work, a.set)
-            atomic_write_text(path, json.dumps(r, indent=1) + "\n")
-            print(f"{name} n={n}: AUC {r['final_auc']:.4f}, "
-                  f"{r.get('wire_bytes_per_step', r.get('bytes_per_worker_step', 0)) / 2**20:.2f} "
-                  f"MiB/worker/step on the wire, {r['wall_s']:.0f} s", flush=True)
+    for n, name, seed in ((int(n), name, int(s)) for n in a.workers.split(",") for name in names
+                          for s in a.seeds.split(",")):
+        path = a.out / (f"{name}_n{n}.json" if seed == 0 else f"{name}_n{n}_s{seed}.json")
+        if path.exists():
+            print(f"skip {path.name} (done)")
+            continue
+        r = run_one(a.config, name, n, a.samples, a.work, a.set + [f"train.seed={seed}"])
+        r["seed"] = seed
+        atomic_write_text(path, json.dumps(r, indent=1) + "\n")
+        print(f"{name} n={n} seed {seed}: AUC {r['final_auc']:.4f}, "
+              f"{r.get('wire_bytes_per_step', r.get('bytes_per_worker_step', 0)) / 2**20:.2f} "
+              f"MiB/worker/step on the wire, {r['wall_s']:.0f} s", flush=True)
     return 0
 
 
