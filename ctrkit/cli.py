@@ -1,7 +1,8 @@
-"""`ctrkit synth | prepare | train | eval | bench | demo` — a thin layer over the Python API.
+"""`ctrkit synth | prepare | train | eval | demo` — a thin layer over the Python API.
 
 Every command takes an optional YAML config and `key=value` overrides. User errors (bad config,
-bad input files) print one line and exit with status 2, never a traceback.
+bad input files) print one line and exit with status 2, never a traceback. The benchmarks are
+programs of their own in bench/ (bench/README.md), not ctrkit commands.
 """
 from __future__ import annotations
 
@@ -91,13 +92,11 @@ def cmd_demo(cfg, args) -> dict:
     return out
 
 
-def cmd_bench(cfg, args) -> dict:
-    from ctrkit.bench import run_bench
-    return run_bench(args.what, cfg, args)
-
-
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "demo": cmd_demo}
+BENCH_MOVED = ("`ctrkit bench` was removed: the benchmarks are programs in bench/, run as "
+               "python bench/throughput.py CONFIG (also gossip_compression.py, sharding.py, "
+               "scaling.py; see bench/README.md)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,21 +107,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ctrkit", description="Sparse CTR training on torchrec/fbgemm.")
+    p = _Parser(prog="ctrkit", description="Sparse CTR training on torchrec/fbgemm.",
+                epilog="Benchmarks: the programs in bench/ (bench/README.md).")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"synth": "write synthetic Criteo-format data (synth.* keys)",
              "prepare": "raw files -> vocabularies, encoded shards, schema.json",
              "train": "train (prepares the data first if needed); writes metrics.json",
              "eval": "evaluate a checkpoint on valid/test; writes metrics.json",
-             "demo": "synth -> prepare -> train -> eval with configs/demo.yaml",
-             "bench": "benchmarks: throughput (step cost, prepare speed), compression (bytes "
-                      "vs AUC), sharding (shard group sizes); the scaling study is "
-                      "bench/scaling.py"}
+             "demo": "synth -> prepare -> train -> eval with configs/demo.yaml"}
     for name, h in helps.items():
         sp = sub.add_parser(name, help=h)
-        if name == "bench":
-            sp.add_argument("what", choices=["throughput", "compression", "sharding"], help="which benchmark")
-            sp.add_argument("--out", default=None, help="JSON output path")
         sp.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -140,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may sit anywhere on the line, also after options.
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    if next((a for a in argv if a not in overrides and not a.startswith("-")), None) == "bench":
+        print(f"ctrkit: error: {BENCH_MOVED}", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args([a for a in argv if a not in overrides])
     except SystemExit as e:   # --help, or a usage error (already printed)
