@@ -298,14 +298,14 @@ class DistributedConfig(_Strict):
     dense_compressor: Optional[str] = Field(default="sign", description=(
         "choco: the compressor of the dense vector and its tracker; null: the same as "
         "`compressor`."))
-    gamma: float = Field(default=0.3, gt=0, le=1, description="choco: consensus step, "
+    gamma: float = Field(default=0.5, gt=0, le=1, description="choco: consensus step, "
                                                               "x += gamma (s - x_hat).")
     tracker: Literal["compressed", "exact"] = Field(default="compressed", description=(
         "choco: the tracker u goes through the compressed gossip, or exactly every "
         "tracker_every steps."))
     tracker_every: int = Field(default=1, ge=1, description="choco with tracker exact: gossip the "
                                                             "tracker every k steps.")
-    gossip_tol: float = Field(default=0.01, ge=0, lt=1, description=(
+    gossip_tol: float = Field(default=0.1, ge=0, lt=1, description=(
         "Gossip of dpsgd/damsgrad/choco tables (and dpsgd/damsgrad dense blocks): a row travels "
         "while |x - x_hat| > gossip_tol x |x|; 0: every row that differs, every round."))
     shard_group_size: int = Field(default=1, ge=1, description=(

@@ -116,7 +116,7 @@ def test_bad_choco_settings_fail_at_start(override, msg):
 def test_compressor_that_cannot_apply_is_rejected_before_training():
     cfg = load_config(None, ["distributed.algorithm=choco", "distributed.compressor=int4:block=64"])
     ok = choco_options(cfg, Tiny())             # width 4 rows, 5-value dense: fine
-    assert ok["gamma"] == 0.3
+    assert ok["gamma"] == cfg.distributed.gamma == 0.5
     wide = nn.Module()
     wide.emb = Tiny().emb
     wide.lin = nn.Linear(8, 1)

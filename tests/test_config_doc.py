@@ -70,7 +70,7 @@ def test_types_defaults_and_bounds_are_rendered():
     text = DOC.read_text()
     assert "| `optimizer.sparse.betas` | list of float | `[0.9, 0.999]` | exactly 2 entries; " \
            "each in [0, 1) |" in text
-    assert "| `distributed.gamma` | float | `0.3` | (0, 1] |" in text
+    assert "| `distributed.gamma` | float | `0.5` | (0, 1] |" in text
     assert "| `data.header` | str or bool | `auto` | `auto`, `true`, `false` |" in text
     assert "| `data.features[].name` | str | required |" in text
     assert "| `distributed.dense_compressor` | str or null | `sign` |" in text
