@@ -393,4 +393,49 @@ def test_a_worker_without_neighbours_keeps_no_public_copies():
         opt.step()
         assert not torch.equal(before, m.emb.weight.detach())          # it did step
         assert opt.public_copy_bytes() == 0 and opt.bytes_sent == 0
-        assert not any(k.endswith("dirty") for st in opt.state.values() for k in st)
+        assert not any(k.endswith(("dirty", "sum")) or k.endswith("hat") and k != "vhat"
+                       for st in opt.state.values() for k in st)
+
+
+def test_public_copy_bytes_are_known_before_the_first_step_and_match_the_state():
+    """What the trainer prints at start is what the state holds after a step (damsgrad with
+    gossip_tol: tables, tracker, and the dense vector's padded blocks; exact damsgrad keeps none
+    for the dense vector)."""
+    from torch import nn as _nn
+    from torchrec import KeyedJaggedTensor
+
+    from ctrkit.comm.exchange import NeighborExchange
+    from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
+    from ctrkit.optim.decentralized import DecentralizedOptimizer
+
+    class _M(_nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = BatchedEmbeddingBags([table_config("t0", "f0", 50, 4)], init_std=0.1)
+            self.lin = _nn.Linear(4, 3)
+
+        def forward(self, kjt):
+            return self.lin(self.emb(kjt).reshape(kjt.stride(), -1)).sum(1)
+
+    # a "graph" of one worker that lists itself as a neighbour would need ranks; instead: a
+    # two-node topology viewed from rank 0 with an exchange that echoes rank 0's messages
+    class _Echo(NeighborExchange):
+        def rows(self, rows, values):
+            return {1: (rows.clone(), values.clone())}
+    two = build_topology("ring", 2)
+    for tol in (0.0, 0.01):
+        torch.manual_seed(0)
+        m = _M()
+        opt = DecentralizedOptimizer(m, "damsgrad", two, 0, _Echo(0, (1,)), dense_lr=0.01,
+                                     sparse_lr=0.01, gossip_tol=tol)
+        opt._mix = lambda flat: flat.clone()          # exact dense gossip: no process needed
+        planned = opt.public_copy_bytes()
+        kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1, 7, 7, 3]),
+                                lengths=torch.ones(4, dtype=torch.int32), stride=4)
+        m(kjt).sum().backward()
+        opt.step()
+        held = sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+                   if k.endswith("sum") or k.endswith("hat") and k != "vhat")
+        table = 2 * 8 * (50 * 4 + 50 * 4)            # x_hat, s of the table and of its tracker
+        dense = 2 * 8 * 256 * 2 if tol else 0         # 15 entries: one padded block, x and u
+        assert planned == held == table + dense, (tol, planned, held)

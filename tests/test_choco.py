@@ -68,10 +68,18 @@ def _compressed(rank, world, port, out):
         spread = float((allw - allw.mean(0)).abs().max())   # damsgrad here: 0.049
         out[rank] = (torch.equal(w[untouched], init[untouched]),
                      float(pending[untouched].abs().max()), spread,
-                     opt.traffic["exact_bytes"], opt.bytes_sent, opt.public_copy_bytes(),
+                     opt.traffic["exact_bytes"], opt.bytes_sent,
+                     (opt.public_copy_bytes(), _held_copies(opt)),
                      bool(torch.isfinite(w).all()))
     finally:
         dist.destroy_process_group()
+
+
+def _held_copies(opt) -> int:
+    """Bytes of the public copies (x_hat, s; the tracker's) an optimizer's state holds."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+               if isinstance(v, torch.Tensor) and (k.endswith("hat") and k != "vhat"
+                                                   or k.endswith("sum")))
 
 
 def test_compressed_gossip_sends_less_keeps_replicas_close_and_untouched_rows_free():
@@ -80,7 +88,7 @@ def test_compressed_gossip_sends_less_keeps_replicas_close_and_untouched_rows_fr
         assert same and pending == 0.0 and finite
         assert sent < exact / 3, (sent, exact)         # top-30 % rows + int8
         assert spread < 0.1, spread
-        assert mem > 0
+        assert mem[0] > 0 and mem[0] == mem[1], mem   # what was announced at start is held
 
 
 def test_error_feedback_accounts_for_everything_sent():

@@ -457,10 +457,25 @@ class DecentralizedOptimizer(Optimizer):
         return sum(v for k, v in self.traffic.items() if k != "exact_bytes")
 
     def public_copy_bytes(self) -> int:
-        """Memory held for x_hat and s (and the tracker's), the price of compressed gossip."""
-        return sum(v.numel() * v.element_size() for st in self.state.values() for k, v in st.items()
-                   if isinstance(v, torch.Tensor) and (k.endswith("hat") and k != "vhat"
-                                                       or k.endswith("sum")))
+        """Memory x_hat and s (and the tracker's) take, the price of gossip through public
+        copies: two float64 copies of every table and its tracker, and of the dense vector and its
+        tracker where it travels by public copies (choco, or gossip_tol > 0). Known before the
+        first step (the state itself is made then); 0 for a worker without neighbours."""
+        if self.alone:
+            return 0
+        total = 0
+        for group in self.param_groups:
+            if group["sparse"]:
+                for p in group["params"]:
+                    tracker = (p.shape[0] * (1 if group["rowwise"] else p.shape[1])
+                               if self.adaptive else 0)
+                    total += 2 * 8 * (p.numel() + tracker)
+            elif self.dense_compressor is not None or self.gossip_tol:
+                n = sum(p.numel() for p in group["params"])
+                if self.dense_compressor is None:   # by blocks, the last one padded
+                    n = -(-n // DENSE_BLOCK) * DENSE_BLOCK
+                total += 2 * 8 * n * (2 if self.adaptive else 1)
+        return total
 
 
 def average_dense_gradients(params: List[nn.Parameter], size: int, group=None) -> int:
