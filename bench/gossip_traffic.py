@@ -89,6 +89,29 @@ def run_one(config: str, name: str, n: int, samples: int, work: Path, extra: Lis
             "wall_s": round(wall, 1), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def table(out: Path) -> str:
+    """A markdown table of the runs in `out`: per (run, n), the seeds, the averaged model's final
+    AUC (mean, and min-max over seeds), the worst worker's AUC, wire MB per worker-step, and the
+    traffic in the first, busiest and last tenth of the run (MB per step)."""
+    groups: Dict[tuple, List[dict]] = {}
+    for f in sorted(out.glob("*.json")):
+        r = json.loads(f.read_text())
+        groups.setdefault((r["workers"], r["name"]), []).append(r)
+    lines = ["| n | run | seeds | final AUC (mean; min-max) | worst worker AUC | MB / worker-step "
+             "(wire) | MB / step: first, busiest, last tenth |", "|---|---|---|---|---|---|---|"]
+    for (n, name), rs in sorted(groups.items()):
+        auc = [r["final_auc"] for r in rs]
+        wire = [r.get("wire_bytes_per_step", r.get("bytes_per_worker_step", 0)) / 1e6 for r in rs]
+        iv = [x["bytes_per_step"] / 1e6 for x in rs[0].get("intervals", [])]
+        spread = f"; {min(auc):.4f}-{max(auc):.4f}" if len(rs) > 1 else ""
+        worst = min(r.get("auc_min", r["final_auc"]) for r in rs)
+        tenths = f"{iv[0]:.2f}, {max(iv):.2f}, {iv[-1]:.2f}" if iv else ""
+        seeds = ",".join(str(r.get("seed", 0)) for r in rs)
+        lines.append(f"| {n} | {name} | {seeds} | {sum(auc) / len(auc):.4f}{spread} | {worst:.4f} "
+                     f"| {sum(wire) / len(wire):.2f} | {tenths} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -101,7 +124,12 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
     ap.add_argument("--seeds", default="0", help="train.seed of each run; seed s > 0 writes "
                     "<name>_n<n>_s<s>.json")
+    ap.add_argument("--table", action="store_true",
+                    help="print a markdown table of the runs in --out and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.out))
+        return 0
     names = a.runs.split(",")
     unknown = [x for x in names if x not in RUNS]
     if unknown:
