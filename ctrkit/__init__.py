@@ -24,12 +24,12 @@ def prepare(cfg, progress: bool = True):
 
 
 def train(cfg, progress=None):
-    from ctrkit.train.trainer import train as _train
+    from ctrkit.train.run import train as _train
     return _train(cfg, progress=progress)
 
 
 def evaluate(cfg, checkpoint=None):
-    from ctrkit.train.trainer import evaluate as _evaluate
+    from ctrkit.train.run import evaluate as _evaluate
     return _evaluate(cfg, checkpoint=checkpoint)
 
 

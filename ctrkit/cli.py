@@ -64,19 +64,19 @@ def cmd_prepare(cfg, args) -> dict:
 
 
 def cmd_train(cfg, args) -> dict:
-    from ctrkit.train.trainer import train
+    from ctrkit.train.run import train
     return train(cfg, progress=False if args.quiet else None).metrics
 
 
 def cmd_eval(cfg, args) -> dict:
-    from ctrkit.train.trainer import evaluate
+    from ctrkit.train.run import evaluate
     return evaluate(cfg, checkpoint=args.checkpoint, progress=False if args.quiet else None)
 
 
 def cmd_demo(cfg, args) -> dict:
     """synth -> prepare -> train -> eval on data the project generates itself."""
     from ctrkit.data.preprocess import prepare
-    from ctrkit.train.trainer import evaluate, train
+    from ctrkit.train.run import evaluate, train
     meta_path = Path(cfg.synth.out_dir) / "meta.json"
     if not meta_path.is_file():
         cmd_synth(cfg, args)

@@ -13,6 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationErr
                       model_validator)
 
 from ctrkit.errors import ConfigError
+from ctrkit.registry import STRATEGIES
 
 
 class _Strict(BaseModel):
@@ -261,11 +262,11 @@ class DistributedConfig(_Strict):
 
     workers: int = Field(default=1, ge=1, description=">1: `ctrkit train` launches this many "
                                                       "ranks (torchrun).")
-    algorithm: Literal["local", "allreduce", "dpsgd", "damsgrad", "choco"] = Field(
+    algorithm: str = Field(
         default="local", description=(
-            "local: no communication; allreduce: averaged gradients; dpsgd: SGD + gossip; "
-            "damsgrad: decentralized AMSGrad with a gossiped tracker; choco: damsgrad with "
-            "compressed gossip."))
+            "A registered strategy (ctrkit/registry.py). local: no communication; allreduce: "
+            "averaged gradients; dpsgd: SGD + gossip; damsgrad: decentralized AMSGrad with a "
+            "gossiped tracker; choco: damsgrad with compressed gossip."))
     topology: Literal["ring", "torus", "exponential", "complete", "edges"] = Field(
         default="ring", description="Gossip graph of the workers (`edges`: the `edges` list).")
     edges: Optional[List[List[int]]] = Field(default=None, description=(
@@ -291,7 +292,7 @@ class DistributedConfig(_Strict):
                                                            "last checkpoint).")
     lr_scaling: Literal["none", "sqrt", "linear", "auto"] = Field(default="none", description=(
         "Learning rates x n^0 / n^0.5 / n for n workers; auto: by algorithm and optimizer "
-        "(optim/build.py: worker_lr_scale)."))
+        "(ctrkit/strategies/lr_scaling.py)."))
     compressor: str = Field(default="topk:0.01+int8", description=(
         "choco: C(x - x_hat) of the tables (and their tracker), a spec such as topk:0.01+int8 "
         "(docs/compression.md)."))
@@ -311,6 +312,13 @@ class DistributedConfig(_Strict):
     shard_group_size: int = Field(default=1, ge=1, description=(
         "Ranks per shard group (divides workers; dpsgd/damsgrad/choco): they split the tables "
         "and act as one worker; 1: replicas; workers: model parallelism."))
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered_algorithm(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown algorithm {v!r} (known: {', '.join(STRATEGIES.names())})")
+        return v
 
     @field_validator("compressor", "dense_compressor")
     @classmethod
@@ -393,7 +401,7 @@ def base_optimizer_conflict(cfg: Config) -> Optional[str]:
     """Why distributed.base_optimizer cannot be used with this config, or None (also checked by
     the trainer, for a config changed after validation)."""
     dc = cfg.distributed
-    if dc.base_optimizer == "amsgrad" and dc.algorithm in ("dpsgd", "damsgrad", "choco"):
+    if dc.base_optimizer == "amsgrad" and not STRATEGIES.get(dc.algorithm).takes_base_optimizer:
         return (f"distributed.base_optimizer=amsgrad: only with algorithm allreduce or local, not "
                 f"{dc.algorithm} (which has its own update rule: damsgrad and choco step with "
                 "AMSGrad already, dpsgd with SGD)")
@@ -406,10 +414,9 @@ def ema_conflict(cfg: Config) -> Optional[str]:
     changed after validation)."""
     if not cfg.train.ema_decay:
         return None
-    if cfg.distributed.algorithm in ("dpsgd", "damsgrad", "choco"):
-        return (f"train.ema_decay: not with distributed.algorithm={cfg.distributed.algorithm} "
-                "(gossip moves rows a step did not touch; the averaged replicas are already an "
-                "average)")
+    reason = STRATEGIES.get(cfg.distributed.algorithm).weight_average_conflict
+    if reason:
+        return f"train.ema_decay: not with distributed.algorithm={cfg.distributed.algorithm} ({reason})"
     if cfg.distributed.shard_group_size > 1:
         return "train.ema_decay: not with distributed.shard_group_size > 1"
     if cfg.optimizer.sparse.fused:

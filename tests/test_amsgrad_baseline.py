@@ -98,7 +98,7 @@ def test_amsgrad_base_at_one_worker_is_damsgrad_bit_for_bit(data, tmp_path, algo
     """A worker without neighbours: allreduce (or local) + amsgrad takes damsgrad's steps exactly,
     with the distributed.* options of the step honoured (rowwise tracker, bias correction, eps),
     whatever optimizer.dense/sparse name; the configured Adam does something else."""
-    from ctrkit.train.trainer import train
+    from ctrkit.train.run import train
     runs = {}
     for name, over in (("damsgrad", ["distributed.algorithm=damsgrad"]),
                        ("base", [f"distributed.algorithm={algorithm}",
@@ -115,7 +115,7 @@ def test_amsgrad_base_at_one_worker_is_damsgrad_bit_for_bit(data, tmp_path, algo
 
 
 def test_amsgrad_base_resumes_bit_for_bit(data, tmp_path):
-    from ctrkit.train.trainer import train
+    from ctrkit.train.run import train
     over = ("distributed.algorithm=allreduce", "distributed.base_optimizer=amsgrad")
     train(_cfg(data, tmp_path / "full", *over))
     train(_cfg(data, tmp_path / "part", *over, "train.max_steps=5"))
@@ -169,7 +169,7 @@ def _rank(rank, world, port, data, run, extra, steps, out):
                     g[names[id(p)]] = _np(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
             return g
         rec = {"x0": {names[id(p)]: _np(p) for p in params}, "tables": [names[i] for i in tables],
-               "local": [], "avg": [], "x": [], "bytes": [], "lr": [], "lr_scale": tr.lr_scale}
+               "local": [], "avg": [], "x": [], "bytes": [], "lr": [], "lr_scale": tr.rates.scale}
         average = dec.average_gradients
 
         def recording_average(model, n):
@@ -180,21 +180,21 @@ def _rank(rank, world, port, data, run, extra, steps, out):
         opt_step = opt.step
 
         def recording_step(*a, **k):
-            rec["avg"].append(grads() if tr.algorithm == "allreduce" else None)
+            rec["avg"].append(grads() if tr.strategy.name == "allreduce" else None)
             rec["lr"].append({g["sparse"]: g["lr"] for g in opt.param_groups})
             return opt_step(*a, **k)
         opt.step = recording_step
         for i, batch in enumerate(tr.train_loader):
             if i == steps:
                 break
-            before = dict(tr.collective)
+            before = dict(tr.strategy.collective)
             tr.train_step(batch)
             tr.step += 1
             rec["x"].append({names[id(p)]: _np(p) for p in params})
-            rec["bytes"].append({k: v - before.get(k, 0) for k, v in tr.collective.items()})
-        rec["traffic"] = tr.traffic()
-        rec["bytes_sent"] = tr.bytes_sent
-        rec["algorithm"] = tr.algorithm
+            rec["bytes"].append({k: v - before.get(k, 0) for k, v in tr.strategy.collective.items()})
+        rec["traffic"] = tr.strategy.traffic(tr.step)
+        rec["bytes_sent"] = tr.strategy.bytes_sent
+        rec["algorithm"] = tr.strategy.name
         out[rank] = rec
     finally:
         dec.average_gradients = average

@@ -127,7 +127,7 @@ def test_gpu_step_touches_only_batch_rows(raw, tmp_path):
     from ctrkit.data.loader import BatchLoader
     from ctrkit.data.preprocess import prepare
     from ctrkit.optim.build import build_optimizers
-    from ctrkit.train.trainer import build_training_model
+    from ctrkit.train.setup import build_training_model
     cfg = _cfg(raw, tmp_path, "run")
     schema = prepare(cfg, progress=False)
     dev = torch.device("cuda")
@@ -149,7 +149,7 @@ def test_gpu_step_touches_only_batch_rows(raw, tmp_path):
 @cuda
 def test_gpu_training_matches_cpu_and_resumes(raw, tmp_path):
     from ctrkit.train.checkpoint import load_checkpoint
-    from ctrkit.train.trainer import evaluate, train
+    from ctrkit.train.run import evaluate, train
     gpu = train(_cfg(raw, tmp_path, "gpu", "train.device=cuda", "model.dropout=0.2")).metrics
     cpu = train(_cfg(raw, tmp_path, "cpu", "train.device=cpu", "model.dropout=0.2")).metrics
     assert gpu["valid"]["auc"] > 0.6
@@ -199,14 +199,14 @@ def test_fused_tables_on_gpu(raw, tmp_path):
     import fbgemm_gpu
     if getattr(fbgemm_gpu, "__variant__", "") == "cpu":
         pytest.skip("fbgemm_gpu is its CPU build here (install.sh installs fbgemm-gpu with CUDA)")
-    from ctrkit.train.trainer import train
+    from ctrkit.train.run import train
     m = train(_cfg(raw, tmp_path, "run", "train.device=cuda", "optimizer.sparse.name=rowwise_adagrad",
                    "optimizer.sparse.fused=true", "optimizer.sparse.lr=0.05")).metrics
     assert m["valid"]["auc"] > 0.6
 
 
 def test_checkpoint_of_another_model_names_the_keys(raw, tmp_path):
-    from ctrkit.train.trainer import evaluate, train
+    from ctrkit.train.run import evaluate, train
     train(_cfg(raw, tmp_path, "run", "train.device=cpu", "train.max_steps=2"))
     with pytest.raises(CtrkitError, match=r"does not match model 'deepfm' \(Missing key\(s\)"):
         evaluate(_cfg(raw, tmp_path, "run", "train.device=cpu", "model.hidden_units=[32,8]"))

@@ -102,7 +102,7 @@ def test_ema_config_refuses_gossip_and_fused_tables():
 @pytest.mark.shared_data
 def test_run_evaluates_keeps_and_exports_the_average(make_cfg, tmp_path):
     from ctrkit.train.checkpoint import load_checkpoint
-    from ctrkit.train.trainer import evaluate, train
+    from ctrkit.train.run import evaluate, train
     data = {"format": "criteo_tsv", "train": str(LAPIS_CRITEO / "train.csv"),
             "valid": str(LAPIS_CRITEO / "dev.csv"), "dense_transform": "criteo_bucket"}
     kw = {"batch_size": 512, "epochs": 1, "eval_every": 7}
@@ -121,7 +121,7 @@ def test_run_evaluates_keeps_and_exports_the_average(make_cfg, tmp_path):
         # last.pt's average, as eval and train.init_from load it, is best.pt's weights
         from ctrkit.data.schema import Schema
         from ctrkit.train.ema import load_averaged_weights
-        from ctrkit.train.trainer import build_training_model
+        from ctrkit.train.setup import build_training_model
         model = build_training_model(cfg, Schema.load(tmp_path / "prepared"), torch.device("cpu"))
         load_averaged_weights(model, last)
         for k, v in model.state_dict().items():

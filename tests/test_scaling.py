@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from ctrkit.optim.build import worker_lr_scale
+from ctrkit.strategies.lr_scaling import worker_lr_scale
 
 
 @pytest.mark.parametrize("rule,algo,n,adaptive,want", [

@@ -8,7 +8,7 @@ from ctrkit.config import ScheduleConfig
 from ctrkit.optim.schedule import apply_schedule, lr_factor
 from ctrkit.train.checkpoint import load_checkpoint
 from ctrkit.train.logging import read_metrics
-from ctrkit.train.trainer import train
+from ctrkit.train.run import train
 from tests.test_train import CRITEO_DATA
 
 

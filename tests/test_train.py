@@ -7,7 +7,7 @@ import torch
 from ctrkit.config import load_config
 from ctrkit.models import available_models, build_model
 from ctrkit.train.checkpoint import load_checkpoint
-from ctrkit.train.trainer import train
+from ctrkit.train.run import train
 from tests.conftest import CONFIGS, LAPIS_CRITEO
 
 pytestmark = pytest.mark.shared_data

@@ -1,7 +1,8 @@
 """Optimizers from config: row-sparse lazy optimizer for embedding tables, a dense one for the rest."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,62 +40,55 @@ def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Para
     return sparse, dense
 
 
-def worker_lr_scale(rule: str, algorithm: str, workers: int, dense_adaptive: bool = True,
-                    tables_adaptive: bool = True) -> Tuple[float, float]:
-    """(dense, tables) learning-rate factors for n workers with a fixed per-worker batch.
+@dataclass(frozen=True)
+class LearningRates:
+    """The learning rates the optimizers start from: the configured ones, or those times the
+    factors of `distributed.lr_scaling` for the number of workers (ctrkit/strategies/lr_scaling.py).
+    `scale` is the (dense, tables) factor applied."""
+    dense: float
+    tables: float
+    table_overrides: Dict[str, float] = field(default_factory=dict)
+    scale: Tuple[float, float] = (1.0, 1.0)
 
-    `none` is 1; `sqrt` and `linear` scale both parts by n^0.5 or n. `auto` picks by algorithm
-    and by whether each part's optimizer is Adam-type (`dense_adaptive`, `tables_adaptive`):
-    - SGD (dpsgd, which always steps with SGD, or allreduce with SGD): linear, the rate of the
-      linear-speedup analyses;
-    - allreduce, Adam-type: sqrt. Averaging n gradients also shrinks Adam's denominator; the
-      linear rate was ahead in the reference data's short runs and behind in the scaling
-      study's longer ones;
-    - damsgrad/choco, Adam-type: min(sqrt(n), 2) on both parts. Each worker's step is normalised
-      by one worker's second moment, and a larger step grows the distance between replicas on a
-      sparse graph.
-    `local` and a single worker: 1. The runs behind `auto` are in bench/results/damsgrad_gap/
-    (the reference data; summary.json lists them) and bench/results/scaling/ (synthetic data;
-    bench/RESULTS.md says what that older study can and cannot show); the rule is
-    docs/decentralized.md's.
-    """
-    if workers <= 1 or rule == "none" or algorithm == "local":
-        return 1.0, 1.0
-    sqrt, linear = float(workers) ** 0.5, float(workers)
-    if rule != "auto":
-        f = sqrt if rule == "sqrt" else linear
-        return f, f
-    if algorithm == "dpsgd":   # plain SGD steps, whatever optimizer the config names
-        return linear, linear
-    if algorithm == "allreduce":
-        return (sqrt if dense_adaptive else linear), (sqrt if tables_adaptive else linear)
-    gossip = min(sqrt, 2.0)
-    return (gossip if dense_adaptive else linear), (gossip if tables_adaptive else linear)
+    @classmethod
+    def of(cls, cfg: OptimizerConfig) -> "LearningRates":
+        return cls(cfg.dense.lr, cfg.sparse.lr, dict(cfg.sparse.lr_overrides))
+
+    def scaled(self, dense: float, tables: float) -> "LearningRates":
+        if (dense, tables) == (1.0, 1.0):
+            return self
+        return LearningRates(self.dense * dense, self.tables * tables,
+                             {k: v * tables for k, v in self.table_overrides.items()},
+                             (self.scale[0] * dense, self.scale[1] * tables))
 
 
-def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> List[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
+                     rates: Optional[LearningRates] = None) -> List[torch.optim.Optimizer]:
+    """A dense optimizer and a row-sparse one for the tables, at `rates` (default: the
+    configured learning rates)."""
+    rates = rates or LearningRates.of(cfg)
     sparse, dense = split_parameters(model)
     opts: List[torch.optim.Optimizer] = []
     if dense:
-        d = cfg.dense
+        d, lr = cfg.dense, rates.dense
         if d.name in ("adam", "adamw"):
             cls = torch.optim.AdamW if d.name == "adamw" else torch.optim.Adam
-            opts.append(cls(dense, lr=d.lr, betas=tuple(d.betas), eps=d.eps,
+            opts.append(cls(dense, lr=lr, betas=tuple(d.betas), eps=d.eps,
                             weight_decay=d.weight_decay, fused=True))
         elif d.name == "sgd":
-            opts.append(torch.optim.SGD(dense, lr=d.lr, weight_decay=d.weight_decay))
+            opts.append(torch.optim.SGD(dense, lr=lr, weight_decay=d.weight_decay))
         else:
-            opts.append(torch.optim.Adagrad(dense, lr=d.lr, weight_decay=d.weight_decay, eps=d.eps))
+            opts.append(torch.optim.Adagrad(dense, lr=lr, weight_decay=d.weight_decay, eps=d.eps))
     if sparse:
-        s = cfg.sparse
-        sparse = _sparse_groups(model, s.lr, s.lr_overrides)
+        s, lr = cfg.sparse, rates.tables
+        sparse = _sparse_groups(model, lr, rates.table_overrides)
         if s.name in ("adam", "amsgrad"):
-            opts.append(RowSparseAdam(sparse, lr=s.lr, betas=tuple(s.betas), eps=s.eps,
+            opts.append(RowSparseAdam(sparse, lr=lr, betas=tuple(s.betas), eps=s.eps,
                                       weight_decay=s.weight_decay, amsgrad=s.name == "amsgrad",
                                       rowwise=s.rowwise))
         elif s.name in ("rowwise_adagrad", "adagrad"):
-            opts.append(RowSparseAdagrad(sparse, lr=s.lr, eps=s.eps, weight_decay=s.weight_decay,
+            opts.append(RowSparseAdagrad(sparse, lr=lr, eps=s.eps, weight_decay=s.weight_decay,
                                          rowwise=s.name == "rowwise_adagrad"))
         else:
-            opts.append(RowSparseSGD(sparse, lr=s.lr, weight_decay=s.weight_decay))
+            opts.append(RowSparseSGD(sparse, lr=lr, weight_decay=s.weight_decay))
     return opts
