@@ -15,7 +15,7 @@ from ctrkit.errors import ConfigError, CtrkitError, DataError  # noqa: E402
 # ctrkit.train(cfg) in the same process failed with "'module' object is not callable".
 import ctrkit.train as _train_package  # noqa: E402,F401  (an empty __init__: no torch import)
 
-__version__ = "0.1.0"
+from ctrkit.version import __version__  # noqa: E402
 
 
 def prepare(cfg, progress: bool = True):

@@ -14,7 +14,7 @@ import torch
 from ctrkit.data.ids import _distinct_ids_torch, distinct_ids
 from ctrkit.data.synth import write_synthetic
 from ctrkit.errors import CtrkitError
-from ctrkit.train.device import resolve_backend, resolve_device
+from ctrkit.distributed.device import resolve_backend, resolve_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
 
@@ -117,9 +117,9 @@ def test_batch_moves_with_its_facts(raw, tmp_path):
     assert host.labels.is_pinned() and host.sparse.values().is_pinned()
     gpu = host.to(torch.device("cuda"))
     assert gpu.labels.is_cuda and gpu.sparse.values().is_cuda and gpu.dense.is_cuda
-    ids = gpu.sparse.__dict__["_ctrkit_batch_unique"]
-    assert all(t.is_cuda for t in ids) and gpu.sparse.__dict__["_ctrkit_one_per_bag"]
-    assert torch.equal(ids.keys.cpu(), host.sparse.__dict__["_ctrkit_batch_unique"].keys)
+    ids = gpu.facts.unique
+    assert all(t.is_cuda for t in ids) and gpu.facts.one_per_bag
+    assert torch.equal(ids.keys.cpu(), host.facts.unique.keys)
 
 
 @cuda

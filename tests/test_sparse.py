@@ -137,15 +137,15 @@ def test_loader_precomputed_unique_matches_model_unique(tmp_path):
     emb = FieldEmbeddings(schema, 8, init_std=0.1)
     bag = emb.bags["8"]
     batch = next(iter(BatchLoader(schema, "train", 500, shuffle=True)))
-    assert "_ctrkit_batch_unique" in batch.sparse.__dict__
-    fast = bag(batch.sparse)
-    rows_fast, ids_fast = bag._distinct(batch.sparse, True)
+    assert batch.facts.unique is not None
+    fast = bag(batch.sparse, batch.facts)
+    rows_fast, ids_fast = bag._distinct(batch.sparse, True, batch.facts)
     fast.square().sum().backward()
     grad_fast = bag.weight.grad.to_dense()
     bag.weight.grad = None
-    del batch.sparse.__dict__["_ctrkit_batch_unique"]
-    batch.sparse.__dict__.pop("_ctrkit_unique", None)
-    slow = bag(batch.sparse)
+    batch.facts.unique = None
+    batch.facts.shared.clear()
+    slow = bag(batch.sparse, batch.facts)
     assert torch.equal(fast, slow)
     slow.square().sum().backward()
     torch.testing.assert_close(grad_fast, bag.weight.grad.to_dense())

@@ -13,6 +13,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ctrkit.comm.device import comm_device
+
 
 class CommError(RuntimeError):
     """A neighbour exchange failed: a peer died, hung past the timeout or closed its connection."""
@@ -24,7 +26,6 @@ class NeighborExchange:
         self.rank, self.neighbors, self.group = rank, list(neighbors), group
         self.bytes_sent = 0
         self.id_dtype = torch.int32 if num_rows_hint < 2 ** 31 else torch.int64
-        from ctrkit.distributed.runtime import comm_device
         self.device = comm_device()
 
     def _run(self, sends: Dict[int, torch.Tensor], recvs: Dict[int, torch.Tensor],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ctrkit.config import DataConfig
+from ctrkit.version import __version__
 
 # data.* keys whose value changes what prepare writes (read_block_mb etc. only change its speed)
 DATA_KEYS = ("format", "header", "delimiter", "label", "min_count", "dense_transform", "features",
@@ -19,7 +20,6 @@ def _file(p: Path) -> dict:
 
 
 def fingerprint(dc: DataConfig, files: Dict[str, List[Path]]) -> dict:
-    from ctrkit import __version__
     d = dc.model_dump(mode="json")
     return {"ctrkit": __version__, "data": {k: d[k] for k in DATA_KEYS},
             "inputs": {split: [_file(p) for p in fs] for split, fs in files.items()}}

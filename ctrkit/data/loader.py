@@ -1,4 +1,4 @@
-"""Batches from encoded shards: `Batch(dense, sparse: KeyedJaggedTensor, labels)` with prefetch.
+"""Batches from encoded shards: `Batch(dense, sparse: KeyedJaggedTensor, labels, facts)` with prefetch.
 
 The order of an epoch is a pure function of (seed, epoch, rank, world size): shards are visited in a
 seeded order and rows shuffled inside each shard. Each rank of a distributed run takes its own
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -16,49 +15,10 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from ctrkit.data.batch import Batch, BatchFacts
 from ctrkit.data.ids import distinct_ids
 from ctrkit.data.schema import Schema
 from ctrkit.data.shards import load_shard
-
-
-@dataclass
-class Batch:
-    dense: torch.Tensor            # [B, Dn] float32
-    sparse: KeyedJaggedTensor      # one id per categorical feature and sample
-    labels: torch.Tensor           # [B] float32
-
-    @property
-    def size(self) -> int:
-        return int(self.labels.shape[0])
-
-    def to(self, device: torch.device) -> "Batch":
-        """The batch on `device`, with the loader's per-batch facts (distinct ids, one id per bag)
-        carried along, so the step on a GPU skips the same work as on the CPU."""
-        if self.labels.device == device:
-            return self
-        nb = device.type == "cuda" and self.labels.is_pinned()
-        kjt = self.sparse.to(device, non_blocking=nb)
-        _carry_batch_facts(self.sparse, kjt, lambda t: t.to(device, non_blocking=nb))
-        return Batch(self.dense.to(device, non_blocking=nb), kjt,
-                     self.labels.to(device, non_blocking=nb))
-
-    def pin_memory(self) -> "Batch":
-        """Page-locked host copies, so the copy to the GPU overlaps the step."""
-        kjt = KeyedJaggedTensor(keys=self.sparse.keys(), values=self.sparse.values().pin_memory(),
-                                lengths=self.sparse.lengths().pin_memory(),
-                                stride=self.sparse.stride())
-        _carry_batch_facts(self.sparse, kjt, lambda t: t.pin_memory())
-        return Batch(self.dense.pin_memory(), kjt, self.labels.pin_memory())
-
-
-def _carry_batch_facts(src: KeyedJaggedTensor, dst: KeyedJaggedTensor, move) -> None:
-    """Copy the loader's facts about a batch (`_ctrkit_*`: distinct ids, one id per bag) to a
-    moved copy of its KJT; caches the model filled in on the way are left behind."""
-    for k, v in src.__dict__.items():
-        if k.startswith("_ctrkit_") and isinstance(v, tuple):
-            dst.__dict__[k] = type(v)(*(move(t) for t in v))
-        elif k.startswith("_ctrkit_") and isinstance(v, bool):
-            dst.__dict__[k] = v
 
 
 class BatchLoader:
@@ -145,12 +105,13 @@ class BatchLoader:
         # training step does not sort: keys are feature << 32 | id in batch-major order, which
         # sort exactly like rows of tables laid out feature after feature. numpy only: no torch op
         # runs in this thread (see ctrkit/data/ids.py).
+        facts = BatchFacts(one_per_bag=True)
         if self.precompute_unique:
             keys = sparse.astype(np.int64)
             keys += self._feature_shift
-            kjt.__dict__["_ctrkit_batch_unique"] = distinct_ids(keys.reshape(-1))
-        kjt.__dict__["_ctrkit_one_per_bag"] = True
-        batch = Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels))
+            facts.unique = distinct_ids(keys.reshape(-1))
+        batch = Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels),
+                      facts)
         return batch.pin_memory() if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[Batch]:

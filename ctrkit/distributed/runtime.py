@@ -10,13 +10,18 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from ctrkit.comm.device import comm_device  # noqa: F401  (re-exported: where collectives' tensors live)
+from ctrkit.comm.exchange import CommError
 from ctrkit.config import Config, dump_config
-from ctrkit.errors import CtrkitError
+from ctrkit.distributed.device import resolve_backend, resolve_device, use_device
+from ctrkit.errors import CtrkitError, Interrupted
+from ctrkit.optim.build import split_parameters
+from ctrkit.ownership import atomic_write_text
 
 
 @dataclass
@@ -41,7 +46,6 @@ def launched_by_torchrun() -> bool:
 def init_distributed(cfg: Config) -> DistEnv:
     """Pick this process's device and join the process group torchrun set up (in a single
     process: the device only)."""
-    from ctrkit.train.device import resolve_backend, resolve_device, use_device
     device = resolve_device(cfg.train.device)
     use_device(device)
     if not launched_by_torchrun():
@@ -77,23 +81,16 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
-def comm_device() -> torch.device:
-    """Where tensors handed to torch.distributed must live: the current GPU under NCCL, else the
-    host (gloo sends host memory; GPU tensors of ranks sharing a GPU are staged through it)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def launch_workers(cfg: Config, run_dir: Path) -> None:
-    """Start `distributed.workers` ranks on this machine through torch.distributed.run."""
+def launch_workers(cfg: Config, run_dir: Path,
+                   interrupted: Callable[[Path], Interrupted] = lambda run_dir: Interrupted(
+                       None, run_dir / "checkpoints")) -> None:
+    """Start `distributed.workers` ranks on this machine through torch.distributed.run; a signal
+    or ranks that all stopped on one raise `interrupted(run_dir)`."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from ctrkit.ownership import atomic_write_text
 
     n = cfg.distributed.workers
     path = run_dir / "launch.yaml"
@@ -117,24 +114,16 @@ def launch_workers(cfg: Config, run_dir: Path) -> None:
     try:
         run(args)
     except SignalException:
-        raise _interrupted(run_dir) from None
+        raise interrupted(run_dir) from None
     except ChildFailedError as e:
         failures = list(e.failures.values())
         if failures and all(f.exitcode == 130 for f in failures):
-            raise _interrupted(run_dir) from None
+            raise interrupted(run_dir) from None
         raise CtrkitError(f"distributed run failed: {_first_failure(failures) or e}") from None
     finally:
         os.environ.pop("CTRKIT_LAUNCHER_PID", None)
         for lg, level in zip(elastic, levels):
             lg.setLevel(level)
-
-
-def _interrupted(run_dir: Path) -> CtrkitError:
-    from ctrkit.errors import Interrupted
-    from ctrkit.train.checkpoint import MARKER, marked_step
-    folder = run_dir / "checkpoints"
-    step = marked_step(folder)
-    return Interrupted(step, folder / MARKER if step is not None else folder)
 
 
 def _first_failure(failures) -> Optional[str]:
@@ -164,7 +153,6 @@ def report_rank_error(message: str) -> None:
 
 def is_comm_failure(e: BaseException) -> bool:
     """Errors that mean a peer died, hung past the timeout or dropped its connection."""
-    from ctrkit.comm.exchange import CommError
     if isinstance(e, (dist.DistError, CommError)):
         return True
     text = str(e).lower()
@@ -213,8 +201,6 @@ def check_identical_replicas(model: torch.nn.Module, env: DistEnv, grid=None) ->
     if not env.active:
         return
     import hashlib
-
-    from ctrkit.optim.build import split_parameters
     tables = {id(p) for p in split_parameters(model)[0]}
     digests = {"dense": hashlib.blake2b(digest_size=8), "tables": hashlib.blake2b(digest_size=8)}
     for name, p in model.named_parameters():
@@ -242,7 +228,6 @@ def network_average(model: torch.nn.Module, env: DistEnv, grid=None) -> Optional
     distance mean_i ||x_i - x_bar||^2 over workers, split into embedding tables and dense
     parameters. With sharded tables (`grid`, a ShardGrid) a worker is a shard group: each rank
     averages its local state with the ranks holding the same shard (the replica group)."""
-    from ctrkit.optim.build import split_parameters
     group, size = (grid.replica_pg, grid.groups) if grid is not None else (None, env.world)
     table_ids = {id(p) for p in split_parameters(model)[0]}
     avg, dist_emb, dist_dense = {}, 0.0, 0.0

@@ -24,9 +24,14 @@ import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
+from ctrkit.comm.device import comm_device
 from ctrkit.comm.topology import Topology
+from ctrkit.data.loader import BatchLoader
 from ctrkit.errors import ConfigError
+from ctrkit.metrics import auc_logloss
 from ctrkit.models.embedding import BatchedEmbeddingBags
+from ctrkit.optim.build import split_parameters
+from ctrkit.optim.decentralized import average_dense_gradients
 
 SHARDING_TYPES_GLOO = ("table_wise", "column_wise")
 SHARDING_TYPES_NCCL = ("table_wise", "column_wise", "row_wise")
@@ -239,7 +244,8 @@ class ShardedEmbeddingBags(nn.Module):
         """{table name: ShardedTensor} (global shape rows x dim), for distributed checkpoints."""
         return {k.split(".")[1]: v for k, v in self._ebc.state_dict().items()}
 
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, kjt: KeyedJaggedTensor, facts=None) -> torch.Tensor:
+        """[B, T, D] like the unsharded module (the batch's `facts` are not needed here)."""
         keys = list(kjt.keys())
         if keys != self.feature_names:
             kjt = kjt.permute([keys.index(f) for f in self.feature_names])
@@ -277,8 +283,6 @@ def shard_model(model: nn.Module, grid: ShardGrid, backend: str = "gloo",
 def average_dense_grads(model: nn.Module, grid: ShardGrid) -> None:
     """Dense parameters are replicated inside a shard group: average their gradients over it
     (torchrec already divides the tables' gradients by k in its all-to-all's backward)."""
-    from ctrkit.optim.build import split_parameters
-    from ctrkit.optim.decentralized import average_dense_gradients
     if grid.k > 1:
         average_dense_gradients(split_parameters(model)[1], grid.k, grid.shard_pg)
 
@@ -289,10 +293,6 @@ def evaluate_sharded(model: nn.Module, schema, split: str, batch_size: int, grid
     """AUC/logloss of a shard group's model over a whole split: each member predicts its slice of
     the split (all must run the same number of forwards: torchrec's all-to-alls), and the
     predictions are gathered within the group. Every member returns the same numbers."""
-    import numpy as np
-    from ctrkit.data.loader import BatchLoader
-    from ctrkit.train.evaluate import auc_logloss
-    from ctrkit.distributed.runtime import comm_device
     comm = comm_device()
     device = next(model.parameters()).device
     loader = BatchLoader(schema, split, batch_size, prefetch=prefetch, rank=grid.pos,

@@ -1,4 +1,7 @@
 """Model zoo. Importing this package registers the built-in models."""
+import inspect
+
+from ctrkit.errors import ConfigError
 from ctrkit.models import zoo  # noqa: F401  (registers lr, fm, deepfm)
 from ctrkit.models.registry import available_models, get_model_class, register_model
 
@@ -7,10 +10,6 @@ __all__ = ["register_model", "get_model_class", "available_models", "build_model
 
 def build_model(cfg_model, schema):
     """Instantiate the configured model with the schema and the model section's extra keys."""
-    import inspect
-
-    from ctrkit.errors import ConfigError
-
     cls = get_model_class(cfg_model.name)
     params = dict(cfg_model.model_extra or {})
     sig = inspect.signature(cls.__init__)

@@ -6,7 +6,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from ctrkit.data.loader import Batch
+from ctrkit.data.batch import Batch
 from ctrkit.data.schema import Schema
 from ctrkit.errors import ConfigError
 from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
@@ -37,7 +37,7 @@ class FieldEmbeddings(nn.Module):
                                    for d, t in tables.items()})
 
     def forward(self, batch: Batch) -> Dict[int, torch.Tensor]:
-        return {int(d): bag(batch.sparse) for d, bag in self.bags.items()}
+        return {int(d): bag(batch.sparse, batch.facts) for d, bag in self.bags.items()}
 
 
 def dense_width(schema: Schema) -> int:

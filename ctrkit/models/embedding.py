@@ -10,14 +10,51 @@ torchrec's planner and for serving).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from ctrkit.data.batch import BatchFacts
 from ctrkit.data.ids import DistinctIds, distinct_ids
+
+
+class FeatureSelector:
+    """The features a table module reads, in its tables' order, out of a batch's KJT."""
+
+    def __init__(self, feature_names: Sequence[str]) -> None:
+        self.feature_names = list(feature_names)
+        self._perm_cache: Dict[tuple, List[int]] = {}
+        self._perm_index: Dict[tuple, torch.Tensor] = {}   # (keys, device) -> perm as a tensor
+
+    def __call__(self, kjt: KeyedJaggedTensor,
+                 facts: BatchFacts) -> Tuple[KeyedJaggedTensor, BatchFacts]:
+        """(the selected KJT, the facts that hold for it)."""
+        keys = tuple(kjt.keys())
+        if list(keys) == self.feature_names:
+            return kjt, facts
+        perm = self._perm_cache.get(keys)
+        if perm is None:
+            index = {k: i for i, k in enumerate(keys)}
+            missing = [f for f in self.feature_names if f not in index]
+            if missing:
+                raise KeyError(f"features {missing} are not in the batch (has {list(keys)})")
+            perm = self._perm_cache[keys] = [index[f] for f in self.feature_names]
+        if facts.one_per_bag:
+            # One id per bag: the selected features are rows of a [F, B] view; no per-key lengths
+            # to read back (a host sync on a GPU) and no fbgemm permute kernel.
+            b, dev = kjt.stride(), kjt.values().device
+            idx = self._perm_index.get((keys, dev))
+            if idx is None:   # made once: a copy from pageable host memory waits for the GPU
+                idx = self._perm_index[(keys, dev)] = torch.tensor(perm, device=dev)
+            out = KeyedJaggedTensor(
+                keys=self.feature_names, stride=b,
+                values=kjt.values().view(len(keys), b).index_select(0, idx).reshape(-1),
+                lengths=kjt.lengths().view(len(keys), b).index_select(0, idx).reshape(-1))
+            return out, BatchFacts(one_per_bag=True)
+        return kjt.permute(perm), BatchFacts()
 
 
 class BatchedEmbeddingBags(nn.Module):
@@ -50,34 +87,7 @@ class BatchedEmbeddingBags(nn.Module):
         self._sizes = tuple(t.num_embeddings for t in tables)
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim))
         nn.init.normal_(self.weight, 0.0, init_std)
-        self._perm_cache: Dict[tuple, List[int]] = {}
-        self._perm_index: Dict[tuple, torch.Tensor] = {}   # (keys, device) -> perm as a tensor
-
-    def _select(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        keys = tuple(kjt.keys())
-        if list(keys) == self.feature_names:
-            return kjt
-        perm = self._perm_cache.get(keys)
-        if perm is None:
-            index = {k: i for i, k in enumerate(keys)}
-            missing = [f for f in self.feature_names if f not in index]
-            if missing:
-                raise KeyError(f"features {missing} are not in the batch (has {list(keys)})")
-            perm = self._perm_cache[keys] = [index[f] for f in self.feature_names]
-        if kjt.__dict__.get("_ctrkit_one_per_bag"):
-            # One id per bag: the selected features are rows of a [F, B] view; no per-key lengths
-            # to read back (a host sync on a GPU) and no fbgemm permute kernel.
-            b, dev = kjt.stride(), kjt.values().device
-            idx = self._perm_index.get((keys, dev))
-            if idx is None:   # made once: a copy from pageable host memory waits for the GPU
-                idx = self._perm_index[(keys, dev)] = torch.tensor(perm, device=dev)
-            out = KeyedJaggedTensor(
-                keys=self.feature_names, stride=b,
-                values=kjt.values().view(len(keys), b).index_select(0, idx).reshape(-1),
-                lengths=kjt.lengths().view(len(keys), b).index_select(0, idx).reshape(-1))
-            out.__dict__["_ctrkit_one_per_bag"] = True
-            return out
-        return kjt.permute(perm)
+        self.select = FeatureSelector(self.feature_names)
 
     def flat_indices(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Row ids into the flat weight, in KJT (table-major) order."""
@@ -92,17 +102,19 @@ class BatchedEmbeddingBags(nn.Module):
             return (ids + self.row_offsets.unsqueeze(1)).t().reshape(-1)
         return self.flat_indices(kjt)
 
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        kjt = self._select(kjt)
+    def forward(self, kjt: KeyedJaggedTensor, facts: Optional[BatchFacts] = None) -> torch.Tensor:
+        """[B, T, D]: each table's pooled bags; `facts` (the batch's, ctrkit/data/batch.py) spare
+        finding what the loader already knows."""
+        kjt, facts = self.select(kjt, facts if facts is not None else BatchFacts())
         t, b = len(self.tables), kjt.stride()
         # One id per bag (the usual CTR case): a plain gather in batch-major order, so the result
         # is a contiguous [B, T, D]; in training its backward is a segment sum over the batch's
         # grouped ids (`_GatherRows`), several times cheaper on CPU than embedding_bag's backward.
-        single = _one_id_per_bag(kjt, t * b)
+        single = _one_id_per_bag(kjt, t * b, facts)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             # Look up only the touched rows: their gradient becomes the weight's sparse, coalesced
             # gradient (sorted unique rows), so optimizers skip the sort/merge of duplicates.
-            rows, ids = self._distinct(kjt, single)
+            rows, ids = self._distinct(kjt, single, facts)
             weight = self.weight.detach().index_select(0, rows).requires_grad_()
             weight.register_hook(lambda g, rows=rows: self._accumulate_grad(rows, g))
             if single:
@@ -116,18 +128,19 @@ class BatchedEmbeddingBags(nn.Module):
                                  include_last_offset=True)
         return pooled.view(t, b, self.embedding_dim).transpose(0, 1)
 
-    def _distinct(self, kjt: KeyedJaggedTensor, single: bool) -> Tuple[torch.Tensor, DistinctIds]:
+    def _distinct(self, kjt: KeyedJaggedTensor, single: bool,
+                  facts: BatchFacts) -> Tuple[torch.Tensor, DistinctIds]:
         """Sorted touched rows of the flat weight, and the batch's ids grouped by row.
 
         The loader usually found the batch's distinct ids already; otherwise modules whose tables
         have the same sizes and read the same batch (DeepFM's field embeddings and first-order
-        weights) share one sort through a cache on the batch.
+        weights) share one sort through the batch's facts (`shared`).
         """
-        pre = kjt.__dict__.get("_ctrkit_batch_unique")
+        pre = facts.unique
         if single and pre is not None and list(kjt.keys()) == self.feature_names:
             # From the loader: keys are feature << 32 | id in batch-major order.
             return self.row_offsets.index_select(0, pre.keys >> 32) + (pre.keys & 0xFFFFFFFF), pre
-        cache = kjt.__dict__.setdefault("_ctrkit_unique", {})
+        cache = facts.shared
         key = (self._sizes, single)
         if key not in cache:
             ids = distinct_ids(self._lookup_indices(kjt, single))
@@ -153,13 +166,11 @@ class BatchedEmbeddingBags(nn.Module):
         return ebc
 
 
-def _one_id_per_bag(kjt: KeyedJaggedTensor, n_bags: int) -> bool:
-    """Whether every (sample, feature) bag holds exactly one id (cached on the batch)."""
-    single = kjt.__dict__.get("_ctrkit_one_per_bag")
-    if single is None:
-        single = kjt.values().numel() == n_bags and bool((kjt.lengths() == 1).all())
-        kjt.__dict__["_ctrkit_one_per_bag"] = single
-    return single
+def _one_id_per_bag(kjt: KeyedJaggedTensor, n_bags: int, facts: BatchFacts) -> bool:
+    """Whether every (sample, feature) bag holds exactly one id (kept in the batch's facts)."""
+    if facts.one_per_bag is None:
+        facts.one_per_bag = kjt.values().numel() == n_bags and bool((kjt.lengths() == 1).all())
+    return facts.one_per_bag
 
 
 class _GatherRows(torch.autograd.Function):

@@ -7,14 +7,15 @@ so no gradient tensor is materialised at all. `fuse_embeddings` swaps it in for 
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from ctrkit.config import SparseOptConfig
-from ctrkit.models.embedding import BatchedEmbeddingBags
+from ctrkit.data.batch import BatchFacts
+from ctrkit.models.embedding import BatchedEmbeddingBags, FeatureSelector
 
 FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
@@ -34,7 +35,7 @@ class FusedEmbeddingBags(nn.Module):
         self.tables = source.tables
         self.feature_names = source.feature_names
         self.embedding_dim = source.embedding_dim
-        self._select = source._select
+        self.select = FeatureSelector(self.feature_names)
         # On a GPU the tables live in its memory (fbgemm's CUDA build); on the CPU in host memory.
         where = ((EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if device.type == "cuda"
                  else (EmbeddingLocation.HOST, ComputeDevice.CPU))
@@ -52,8 +53,8 @@ class FusedEmbeddingBags(nn.Module):
         self._register_state_dict_hook(_per_table_state)
         self.register_load_state_dict_pre_hook(_load_per_table_state)
 
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        kjt = self._select(kjt)
+    def forward(self, kjt: KeyedJaggedTensor, facts: Optional[BatchFacts] = None) -> torch.Tensor:
+        kjt, _ = self.select(kjt, facts if facts is not None else BatchFacts())
         out = self.tbe(kjt.values().to(torch.int64), kjt.offsets().to(torch.int64))
         return out.view(kjt.stride(), len(self.tables), self.embedding_dim)
 

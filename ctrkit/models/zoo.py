@@ -7,7 +7,7 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
 
-from ctrkit.data.loader import Batch
+from ctrkit.data.batch import Batch
 from ctrkit.data.schema import Schema
 from ctrkit.errors import ConfigError
 from ctrkit.models.base import FieldEmbeddings, dense_width

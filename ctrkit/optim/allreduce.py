@@ -16,6 +16,7 @@ from typing import Dict
 from torch import nn
 
 from ctrkit.comm.collective import collective_wire_bytes
+from ctrkit.optim import decentralized
 from ctrkit.optim.build import split_parameters
 
 ROW_COUNT_BYTES = 8   # the int64 row count each rank all_gathers per table
@@ -27,8 +28,7 @@ def allreduce_gradients(model: nn.Module, world: int) -> Dict[str, float]:
     top * (8 + 4 d) of int64 ids and fp32 rows, top the largest rank's row count) and
     `wire_bytes` (a ring all_reduce of the dense vector, per table the all_gathers of the row
     count and of the chunk; 0 at world = 1)."""
-    from ctrkit.optim.decentralized import average_gradients
-    payload = average_gradients(model, world)
+    payload = decentralized.average_gradients(model, world)   # (looked up at call time)
     tables, dense = split_parameters(model)
     dense_bytes = 4 * sum(p.numel() for p in dense)   # (the all_reduce'd vector, zeros included)
     chunks = payload - dense_bytes                     # the tables' padded chunks, summed

@@ -36,7 +36,7 @@ from ctrkit.errors import ConfigError
 from ctrkit.optim.build import LearningRates, build_optimizers, split_parameters
 from ctrkit.optim.decentralized import DecentralizedOptimizer
 from ctrkit.registry import STRATEGIES
-from ctrkit.train.evaluate import evaluate_split
+from ctrkit.metrics import evaluate_split
 
 
 class Strategy:

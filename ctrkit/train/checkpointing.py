@@ -23,10 +23,10 @@ from torch import nn
 
 from ctrkit.distributed.runtime import DistEnv, gather_floats
 from ctrkit.distributed.sharding import load_model, save_model
-from ctrkit.errors import CtrkitError
+from ctrkit.errors import CtrkitError, Interrupted
 from ctrkit.ownership import OwnedFolder
-from ctrkit.train.checkpoint import (LAST, last_rank_checkpoint, load_checkpoint, save_checkpoint,
-                                     save_on_every_rank)
+from ctrkit.train.checkpoint import (LAST, MARKER, last_rank_checkpoint, load_checkpoint,
+                                     marked_step, save_checkpoint, save_on_every_rank)
 from ctrkit.train.ema import load_averaged_weights
 from ctrkit.train.run_dir import CHECKPOINTS, RUN, SHARDED_BEST_TREES
 
@@ -180,3 +180,10 @@ def load_for_evaluation(model: nn.Module, path: Path, model_name: str) -> None:
             load_averaged_weights(model, load_checkpoint(path))
     except (RuntimeError, ValueError) as e:
         raise CtrkitError(f"{path}: does not match model '{model_name}' ({mismatch(e)})") from None
+
+
+def interrupted_run(run_dir: Path) -> Interrupted:
+    """What a launcher reports when its ranks stopped on a signal: the step every rank saved."""
+    folder = run_dir / CHECKPOINTS
+    step = marked_step(folder)
+    return Interrupted(step, folder / MARKER if step is not None else folder)

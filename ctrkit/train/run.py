@@ -21,9 +21,10 @@ from ctrkit.distributed.runtime import (DistEnv, init_distributed, is_comm_failu
 from ctrkit.errors import CtrkitError
 from ctrkit.ownership import OwnedFolder, atomic_write_text, is_within
 from ctrkit.strategies import check_strategy
-from ctrkit.train.checkpointing import checkpoint_to_evaluate, load_for_evaluation
-from ctrkit.train.device import resolve_device, use_device
-from ctrkit.train.evaluate import evaluate_split
+from ctrkit.train.checkpointing import (checkpoint_to_evaluate, interrupted_run,
+                                        load_for_evaluation)
+from ctrkit.distributed.device import resolve_device, use_device
+from ctrkit.metrics import evaluate_split
 from ctrkit.train.interrupt import StopSignals
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, read_json, write_json
 from ctrkit.train.memory import keep_freed_memory
@@ -54,7 +55,7 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
         with open_run_dir(cfg) as run_dir, open_prepared(cfg, tc.progress):
             os.environ["CTRKIT_LAUNCHED"] = "1"
             try:
-                launch_workers(cfg, run_dir)
+                launch_workers(cfg, run_dir, interrupted_run)
             finally:
                 os.environ.pop("CTRKIT_LAUNCHED", None)
             return RunResult(read_json(run_dir / "metrics.json"), run_dir, None)

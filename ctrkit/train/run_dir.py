@@ -10,6 +10,7 @@ import yaml
 
 from ctrkit.config import Config
 from ctrkit.data.fingerprint import DATA_KEYS
+from ctrkit.data.preprocess import SPLITS, split_files
 from ctrkit.errors import CtrkitError
 from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder
 from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN, read_marker
@@ -31,7 +32,6 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def _inputs(cfg: Config) -> list:
-    from ctrkit.data.preprocess import SPLITS, split_files
     paths = []
     for s in SPLITS:
         pattern = getattr(cfg.data, s)
