@@ -29,7 +29,7 @@ from ctrkit.comm.topology import Topology
 from ctrkit.data.loader import BatchLoader
 from ctrkit.errors import ConfigError
 from ctrkit.metrics import auc_logloss
-from ctrkit.models.embedding import BatchedEmbeddingBags
+from ctrkit.models.embedding import BatchedEmbeddingBags, TableModule
 from ctrkit.optim.build import split_parameters
 from ctrkit.optim.decentralized import average_dense_gradients
 
@@ -188,7 +188,7 @@ def describe_plan(name: str, plan, tables: List[EmbeddingBagConfig], k: int) -> 
     return "\n".join(lines), per_rank
 
 
-class ShardedEmbeddingBags(nn.Module):
+class ShardedEmbeddingBags(TableModule):
     """Drop-in for `BatchedEmbeddingBags` whose tables are sharded over a shard group.
 
     `forward(kjt) -> [B, T, D]` like the unsharded module; every member of the group must call it
@@ -239,6 +239,13 @@ class ShardedEmbeddingBags(nn.Module):
             (r0, c0), (nr, nc) = mine[0].shard_offsets, mine[0].shard_sizes
             getattr(self, f"shard_{t.name}").data.copy_(
                 bag.table_weight(i)[r0:r0 + nr, c0:c0 + nc].to(self._device))
+
+    def row_sparse_parameters(self) -> List[nn.Parameter]:
+        return self.sharded_tables
+
+    def canonical_state(self, prefix: str) -> Tuple[Dict[str, torch.Tensor], set]:
+        return ({f"{prefix}{t}": st for t, st in self.sharded_state().items()},
+                {f"{prefix}shard_{t}" for t in self.shard_names})
 
     def sharded_state(self) -> Dict[str, torch.Tensor]:
         """{table name: ShardedTensor} (global shape rows x dim), for distributed checkpoints."""
@@ -331,9 +338,8 @@ def evaluate_sharded(model: nn.Module, schema, split: str, batch_size: int, grid
 
 
 def table_modules(model: nn.Module):
-    """(path, module) of every embedding-table module, sharded or not."""
-    return [(p, m) for p, m in model.named_modules()
-            if isinstance(m, (BatchedEmbeddingBags, ShardedEmbeddingBags))]
+    """(path, module) of every embedding-table module."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, TableModule)]
 
 
 def canonical_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -343,14 +349,10 @@ def canonical_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     skip = set()
     for path, m in table_modules(model):
-        if isinstance(m, ShardedEmbeddingBags):
-            for t, st in m.sharded_state().items():
-                out[f"{path}.{t}"] = st
-            skip |= {f"{path}.shard_{t}" for t in m.shard_names}
-        else:
-            for i, t in enumerate(m.tables):
-                out[f"{path}.{t.name}"] = m.table_weight(i).detach()
-            skip.add(f"{path}.weight")
+        canonical = m.canonical_state(f"{path}.")
+        if canonical is not None:
+            out.update(canonical[0])
+            skip |= canonical[1]
     for k, v in model.state_dict().items():
         if k not in skip:
             out[k] = v

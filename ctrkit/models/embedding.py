@@ -57,7 +57,33 @@ class FeatureSelector:
         return kjt.permute(perm), BatchFacts()
 
 
-class BatchedEmbeddingBags(nn.Module):
+class TableModule(nn.Module):
+    """What every embedding-table module is (batched here, fused in ctrkit/models/fused.py,
+    sharded in ctrkit/distributed/sharding.py), so callers need no switch on its kind.
+
+    It holds `tables` (torchrec `EmbeddingBagConfig`s of one `embedding_dim`), reads their
+    `feature_names`, and `forward(kjt, facts=None)` returns [B, T, D], table t's pooled bag of
+    sample b at [b, t]. The methods below say how it is trained and saved.
+    """
+    tables: List[EmbeddingBagConfig]
+    feature_names: List[str]
+    embedding_dim: int
+
+    def row_sparse_parameters(self) -> List[nn.Parameter]:
+        """The weights an optimizer updates from their row-sparse gradients (none: the module
+        updates itself inside backward)."""
+        return []
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The tables' learning rate, for a module that updates itself (others ignore it)."""
+
+    def canonical_state(self, prefix: str) -> Optional[Tuple[Dict[str, torch.Tensor], set]]:
+        """({`<prefix><table name>`: rows x dim}, the own state keys they replace), the same keys
+        for every layout so torch.distributed.checkpoint reshards; None: the state as it is."""
+        return None
+
+
+class BatchedEmbeddingBags(TableModule):
     """All tables of one embedding dimension; `forward(kjt) -> [B, T, D]` pooled per table.
 
     Each table reads exactly one feature (as torchrec tables usually do); several tables may read
@@ -88,6 +114,13 @@ class BatchedEmbeddingBags(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim))
         nn.init.normal_(self.weight, 0.0, init_std)
         self.select = FeatureSelector(self.feature_names)
+
+    def row_sparse_parameters(self) -> List[nn.Parameter]:
+        return [self.weight]
+
+    def canonical_state(self, prefix: str) -> Tuple[Dict[str, torch.Tensor], set]:
+        return ({f"{prefix}{t.name}": self.table_weight(i).detach() for i, t in enumerate(self.tables)},
+                {f"{prefix}weight"})
 
     def flat_indices(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Row ids into the flat weight, in KJT (table-major) order."""

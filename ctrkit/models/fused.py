@@ -15,12 +15,12 @@ from torchrec import KeyedJaggedTensor
 
 from ctrkit.config import SparseOptConfig
 from ctrkit.data.batch import BatchFacts
-from ctrkit.models.embedding import BatchedEmbeddingBags, FeatureSelector
+from ctrkit.models.embedding import BatchedEmbeddingBags, FeatureSelector, TableModule
 
 FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
-class FusedEmbeddingBags(nn.Module):
+class FusedEmbeddingBags(TableModule):
     """Same interface as `BatchedEmbeddingBags` (`forward(kjt) -> [B, T, D]`), fused update."""
 
     def __init__(self, source: BatchedEmbeddingBags, opt: SparseOptConfig,

@@ -9,8 +9,7 @@ from torch import nn
 
 from ctrkit.config import OptimizerConfig
 from ctrkit.errors import ConfigError
-from ctrkit.models.embedding import BatchedEmbeddingBags
-from ctrkit.models.fused import FusedEmbeddingBags
+from ctrkit.models.embedding import TableModule
 from ctrkit.optim.sparse import RowSparseAdagrad, RowSparseAdam, RowSparseSGD
 
 
@@ -22,21 +21,20 @@ def _sparse_groups(model: nn.Module, base_lr: float, overrides: Dict[str, float]
         raise ConfigError(f"optimizer.sparse.lr_overrides: no module named '{unknown[0]}' in the model")
     groups: Dict[float, List[nn.Parameter]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, BatchedEmbeddingBags):
+        if isinstance(m, TableModule):
             lr = next((v for k, v in overrides.items() if name == k or name.startswith(k + ".")), base_lr)
-            groups.setdefault(lr, []).append(m.weight)
+            for p in m.row_sparse_parameters():
+                groups.setdefault(lr, []).append(p)
     return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
 def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """(embedding-table weights with row-sparse gradients, all other parameters)."""
-    sparse = [m.weight for m in model.modules() if isinstance(m, BatchedEmbeddingBags)]
-    # Sharded tables (ctrkit.distributed.sharding): this rank's shards, updated row-sparsely.
-    sparse += [p for m in model.modules() for p in getattr(m, "sharded_tables", ())]
-    ids = {id(p) for p in sparse}
-    # fbgemm TBE modules update themselves inside backward: no optimizer owns their tensors.
-    ids |= {id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBags) for p in m.parameters()}
-    dense = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    """(embedding-table weights with row-sparse gradients, all other parameters). The tables of a
+    module that updates itself inside backward (fbgemm's fused TBE) are in neither."""
+    tables = [m for m in model.modules() if isinstance(m, TableModule)]
+    sparse = [p for m in tables for p in m.row_sparse_parameters()]
+    owned = {id(p) for m in tables for p in m.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in owned and p.requires_grad]
     return sparse, dense
 
 

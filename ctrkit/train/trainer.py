@@ -22,7 +22,7 @@ from ctrkit.config import Config
 from ctrkit.data.schema import Schema
 from ctrkit.distributed.runtime import DistEnv, broadcast_flag
 from ctrkit.errors import CtrkitError, Interrupted
-from ctrkit.models.fused import FusedEmbeddingBags
+from ctrkit.models.embedding import TableModule
 from ctrkit.optim.schedule import apply_schedule
 from ctrkit.train.checkpoint import rng_state, set_rng_state
 from ctrkit.train.checkpointing import mismatch
@@ -226,12 +226,13 @@ class Trainer:
         return float(self.optimizers[0].param_groups[0]["lr"]) if self.optimizers else 0.0
 
     def _sync_fused_lr(self) -> None:
-        """Schedules and LR-on-plateau scale fused tables' learning rate as the dense one."""
+        """Schedules and LR-on-plateau scale the learning rate of tables that update themselves
+        (fbgemm's fused TBE) as the dense one's."""
         if not self.optimizers:
             return
         scale = self._lr() / self.rates.dense
         for m in self.model.modules():
-            if isinstance(m, FusedEmbeddingBags):
+            if isinstance(m, TableModule):
                 m.set_learning_rate(self.rates.tables * scale)
 
     # ------------------------------------------------------------------ state
