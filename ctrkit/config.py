@@ -263,7 +263,7 @@ class DistributedConfig(_Strict):
     workers: int = Field(default=1, ge=1, description=">1: `ctrkit train` launches this many "
                                                       "ranks (torchrun).")
     algorithm: str = Field(
-        default="local", description=(
+        default="local", json_schema_extra={"enum": STRATEGIES.names()}, description=(
             "A registered strategy (ctrkit/registry.py). local: no communication; allreduce: "
             "averaged gradients; dpsgd: SGD + gossip; damsgrad: decentralized AMSGrad with a "
             "gossiped tracker; choco: damsgrad with compressed gossip."))

@@ -234,6 +234,9 @@ def row(path: str, field: FieldInfo) -> str:
         kind = (f"list of [`{target}`](#{anchor(target)}) entries" if is_list
                 else f"section, [below](#{anchor(target)})")
         kind += " or null" if _strip_optional(field.annotation)[1] else ""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if not allowed and extra.get("enum"):   # a name checked against a registry: the built-ins
+        allowed = [", ".join(f"`{v}`" for v in extra["enum"])]
     cells = [f"`{path}`", kind, default, "; ".join(allowed), field.description or ""]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
