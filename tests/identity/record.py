@@ -1,6 +1,7 @@
 """Bit-identity check for refactors: train short runs on the real Criteo slice, hash what they end with.
 
     python tests/identity/record.py --out FILE.json [--only NAME,...] [--check BASELINE.json]
+    python tests/identity/record.py --compare BASELINE.json FILE.json   # two records, no training
 
 Every run is one `ctrkit.train` call (a multi-worker run launches its ranks through torch's
 launcher, as `ctrkit train` does). For each run the JSON holds sha256 digests of
@@ -189,11 +190,18 @@ def _diff(a, b, path="") -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("BASELINE", "RECORD"),
+                   help="compare two recorded files and exit")
     p.add_argument("--only", default="", help="comma list of run names (default: all)")
     p.add_argument("--check", type=Path, help="baseline JSON to compare with")
     p.add_argument("--keep", type=Path, help="keep the run folders here (default: a temp folder)")
     a = p.parse_args(argv)
+    if a.compare:
+        return _report(json.loads(a.compare[0].read_text())["runs"],
+                       json.loads(a.compare[1].read_text())["runs"], None, a.compare[0])
+    if not a.out:
+        p.error("--out is required")
     names = [n for n in a.only.split(",") if n] or list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -212,19 +220,23 @@ def main(argv=None) -> int:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
     if a.check:
-        base = json.loads(a.check.read_text())["runs"]
-        diffs = []
-        for n in names:
-            if n not in base:
-                diffs.append(f"{n}: not in the baseline")
-                continue
-            diffs += [f"{n}.{d}" for d in _diff(base[n], result["runs"][n])]
-        for d in diffs:
-            print("DIFFERS:", d)
-        print("identity: " + ("bit-identical to " if not diffs else f"{len(diffs)} differences from ")
-              + str(a.check) + f" ({len(names)} runs)")
-        return 1 if diffs else 0
+        return _report(json.loads(a.check.read_text())["runs"], result["runs"], names, a.check)
     return 0
+
+
+def _report(base: dict, runs: dict, names, baseline: Path) -> int:
+    names = names or list(runs)
+    diffs = []
+    for n in names:
+        if n not in base:
+            diffs.append(f"{n}: not in the baseline")
+            continue
+        diffs += [f"{n}.{d}" for d in _diff(base[n], runs[n])]
+    for d in diffs:
+        print("DIFFERS:", d)
+    print("identity: " + ("bit-identical to " if not diffs else f"{len(diffs)} differences from ")
+          + str(baseline) + f" ({len(names)} runs)")
+    return 1 if diffs else 0
 
 
 if __name__ == "__main__":
