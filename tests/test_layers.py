@@ -23,12 +23,10 @@ KNOWN_UPWARD = {
         "the model section is checked against the model's constructor; needs a lazy model registry",
     ("ctrkit.config", "ctrkit.comm.compress"):
         "compressor specs are parsed to validate them; needs a compressor registry",
-    ("ctrkit.optim.decentralized", "ctrkit.distributed.runtime"):
-        "comm_device now lives in ctrkit.comm.device; the lead's module imports it from runtime",
 }
 # Modules that may import ctrkit inside functions: the API facade keeps `import ctrkit` light,
 # the CLI imports a command's module when it runs; the others are the known edges above.
-LAZY_ALLOWED = {"ctrkit", "ctrkit.cli", "ctrkit.bench", "ctrkit.config", "ctrkit.optim.decentralized"}
+LAZY_ALLOWED = {"ctrkit", "ctrkit.cli", "ctrkit.bench", "ctrkit.config"}
 
 
 def _modules():

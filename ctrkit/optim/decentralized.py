@@ -30,9 +30,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ctrkit.comm.compress import Compressor, exact_rows_bytes, unpack_dense, unpack_rows
+from ctrkit.comm.compress import (Compressor, build_compressor, exact_rows_bytes, unpack_dense,
+                                  unpack_rows)
+from ctrkit.comm.device import comm_device
 from ctrkit.comm.exchange import NeighborExchange
 from ctrkit.comm.topology import Topology
+from ctrkit.errors import ConfigError
 from ctrkit.optim.build import split_parameters
 from ctrkit.optim.sparse import add_rows_, rows_and_grads
 
@@ -187,8 +190,6 @@ def choco_options(cfg, model: nn.Module) -> dict:
     dc = cfg.distributed
     if dc.algorithm != "choco":
         return {}
-    from ctrkit.comm.compress import build_compressor
-    from ctrkit.errors import ConfigError
     comp = build_compressor(dc.compressor)
     dense_comp = build_compressor(dc.dense_compressor or dc.compressor)
     sparse, dense = split_parameters(model)
@@ -482,7 +483,6 @@ def average_dense_gradients(params: List[nn.Parameter], size: int, group=None) -
     """Average the parameters' gradients over `group` (`size` ranks; None: all) in one flat
     all_reduce; a missing gradient counts as zero. Returns bytes sent."""
     import torch.distributed as dist
-    from ctrkit.distributed.runtime import comm_device
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if not grads:
         return 0
@@ -501,7 +501,6 @@ def average_gradients(model: nn.Module, world: int) -> int:
     """The `allreduce` reference: average dense gradients (all_reduce) and row-sparse table
     gradients (all_gather of row ids and rows, padded to the largest). Returns bytes sent."""
     import torch.distributed as dist
-    from ctrkit.distributed.runtime import comm_device
     sparse, dense = split_parameters(model)
     sent = average_dense_gradients(dense, world)
     comm = comm_device()
