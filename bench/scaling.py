@@ -43,6 +43,8 @@ import traceback
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import bench_args   # bench/: on sys.path when run as a program
+
 # The four algorithms of the study and the config overrides that select them.
 ALGORITHMS: Dict[str, List[str]] = {
     "damsgrad": ["distributed.algorithm=damsgrad"],
@@ -64,21 +66,8 @@ RUN_KINDS = ("tune", "seed")
 
 
 # ------------------------------------------------------------------------------ arguments
-def _list(kind, what: str):
-    def parse(text: str):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"{what}: empty list")
-        try:
-            return [kind(x) for x in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}: not a comma-separated list of "
-                                             f"{kind.__name__}: {text!r}") from None
-    return parse
-
-
 def _algorithms(text: str) -> List[str]:
-    names = _list(str, "--algorithms")(text)
+    names = bench_args.comma_list(str, "--algorithms")(text)
     bad = [a for a in names if a not in ALGORITHMS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown algorithm {bad[0]!r} (known: "
@@ -114,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="study folder (runs, summary, plot)")
     p.add_argument("--algorithms", type=_algorithms, default=list(ALGORITHMS),
                    help=f"comma-separated, of {', '.join(ALGORITHMS)}")
-    p.add_argument("--workers", type=_list(int, "--workers"), default=[1, 2, 4, 8],
+    p.add_argument("--workers", type=bench_args.comma_list(int, "--workers"), default=[1, 2, 4, 8],
                    help="numbers of workers n (must include 1, the baseline)")
-    p.add_argument("--only", type=_list(int, "--only"), default=None,
+    p.add_argument("--only", type=bench_args.comma_list(int, "--only"), default=None,
                    help="train only these n now (of --workers, which still sets the budget); "
                         "the other n's runs on disk are summarized as usual")
-    p.add_argument("--lrs", type=_list(float, "--lrs"), default=[5e-4, 1e-3, 2e-3, 4e-3],
+    p.add_argument("--lrs", type=bench_args.comma_list(float, "--lrs"), default=[5e-4, 1e-3, 2e-3, 4e-3],
                    help="learning-rate grid (dense and table lr alike, not scaled with n)")
-    p.add_argument("--seeds", type=_list(int, "--seeds"), default=[0, 1, 2],
+    p.add_argument("--seeds", type=bench_args.comma_list(int, "--seeds"), default=[0, 1, 2],
                    help="seeds run at each (algorithm, n)'s chosen lr")
     p.add_argument("--tune-seed", type=_nonneg, default=0, help="seed of the lr-grid runs")
     p.add_argument("--batch", type=_positive, default=None,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:   # (scaling.py imports bench_args, as when run)
+    sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _study():
