@@ -11,11 +11,16 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
 
 from ctrkit.comm.collective import collective_wire_bytes
+from ctrkit.comm.exchange import NeighborExchange
 from ctrkit.comm.topology import build_topology, single_worker
 from ctrkit.config import load_config
 from ctrkit.data.synth import write_synthetic
+from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
+from ctrkit.optim.decentralized import DecentralizedOptimizer
 from ctrkit.train.checkpoint import load_checkpoint, last_rank_checkpoint
 
 ROWS = 3000   # 128 per batch: 23 steps per epoch on one worker
@@ -360,34 +365,35 @@ def test_two_ranks_through_the_launcher(prepared, tmp_path):
     assert _same_state(a["model"], b["model"]) and _same_state(a["optimizers"], b["optimizers"])
 
 
+class _OneTable(nn.Module):
+    """One 50-row table of width 4 and a linear layer with `out` outputs (a dense vector of
+    5 * out entries), summed to one logit per sample."""
+
+    def __init__(self, out: int):
+        super().__init__()
+        self.emb = BatchedEmbeddingBags([table_config("t0", "f0", 50, 4)], init_std=0.1)
+        self.lin = nn.Linear(4, out)
+
+    def forward(self, kjt):
+        return self.lin(self.emb(kjt).reshape(kjt.stride(), -1)).sum(1)
+
+
+def _one_table_batch() -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1, 7, 7, 3]),
+                             lengths=torch.ones(4, dtype=torch.int32), stride=4)
+
+
 def test_a_worker_without_neighbours_keeps_no_public_copies():
     """On single_worker() gossip is the identity (s = x_hat, x never moves), so the optimizer skips
     it and holds no float64 public copies of its tables, tracker or dense vector (they were
     two float64 copies of every table: ~0.8 GB on the reference data). Its step is the one the
     gossip would give, bit for bit (checked against the code before the skip when it was made)."""
-    from torch import nn as _nn
-    from torchrec import KeyedJaggedTensor
-
-    from ctrkit.comm.exchange import NeighborExchange
-    from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
-    from ctrkit.optim.decentralized import DecentralizedOptimizer
-
-    class _M(_nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = BatchedEmbeddingBags([table_config("t0", "f0", 50, 4)], init_std=0.1)
-            self.lin = _nn.Linear(4, 1)
-
-        def forward(self, kjt):
-            return self.lin(self.emb(kjt).reshape(kjt.stride(), -1)).squeeze(1)
-
     for tol in (0.0, 0.01):
         torch.manual_seed(0)
-        m = _M()
+        m = _OneTable(1)
         opt = DecentralizedOptimizer(m, "damsgrad", single_worker(), 0, NeighborExchange(0, ()),
                                      dense_lr=0.01, sparse_lr=0.01, gossip_tol=tol)
-        kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1, 7, 7, 3]),
-                                lengths=torch.ones(4, dtype=torch.int32), stride=4)
+        kjt = _one_table_batch()
         before = m.emb.weight.detach().clone()
         m(kjt).sum().backward()
         opt.step()
@@ -401,22 +407,6 @@ def test_public_copy_bytes_are_known_before_the_first_step_and_match_the_state()
     """What the trainer prints at start is what the state holds after a step (damsgrad with
     gossip_tol: tables, tracker, and the dense vector's padded blocks; exact damsgrad keeps none
     for the dense vector)."""
-    from torch import nn as _nn
-    from torchrec import KeyedJaggedTensor
-
-    from ctrkit.comm.exchange import NeighborExchange
-    from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
-    from ctrkit.optim.decentralized import DecentralizedOptimizer
-
-    class _M(_nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = BatchedEmbeddingBags([table_config("t0", "f0", 50, 4)], init_std=0.1)
-            self.lin = _nn.Linear(4, 3)
-
-        def forward(self, kjt):
-            return self.lin(self.emb(kjt).reshape(kjt.stride(), -1)).sum(1)
-
     # a "graph" of one worker that lists itself as a neighbour would need ranks; instead: a
     # two-node topology viewed from rank 0 with an exchange that echoes rank 0's messages
     class _Echo(NeighborExchange):
@@ -425,13 +415,12 @@ def test_public_copy_bytes_are_known_before_the_first_step_and_match_the_state()
     two = build_topology("ring", 2)
     for tol in (0.0, 0.01):
         torch.manual_seed(0)
-        m = _M()
+        m = _OneTable(3)
         opt = DecentralizedOptimizer(m, "damsgrad", two, 0, _Echo(0, (1,)), dense_lr=0.01,
                                      sparse_lr=0.01, gossip_tol=tol)
         opt._mix = lambda flat: flat.clone()          # exact dense gossip: no process needed
         planned = opt.public_copy_bytes()
-        kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1, 7, 7, 3]),
-                                lengths=torch.ones(4, dtype=torch.int32), stride=4)
+        kjt = _one_table_batch()
         m(kjt).sum().backward()
         opt.step()
         held = sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
