@@ -1,7 +1,8 @@
 """ctrkit: config-driven sparse CTR training on torchrec/fbgemm.
 
 Python API: `load_config(path, overrides) -> Config`, `prepare(cfg) -> Schema`,
-`train(cfg) -> RunResult`, `evaluate(cfg, checkpoint) -> metrics`.
+`train(cfg) -> RunResult`, `evaluate(cfg, checkpoint) -> metrics`,
+`Predictor.load(run).predict(rows) -> probabilities` (ctrkit/serving/predict.py).
 """
 import logging as _logging
 
@@ -38,5 +39,12 @@ def synth(out_dir, rows, **kwargs):
     return write_synthetic(out_dir, rows, **kwargs)
 
 
-__all__ = ["Config", "load_config", "prepare", "train", "evaluate", "synth", "CtrkitError",
+def __getattr__(name):
+    if name == "Predictor":   # (imported on first use: `import ctrkit` stays free of torch)
+        from ctrkit.serving.predict import Predictor
+        return Predictor
+    raise AttributeError(f"module 'ctrkit' has no attribute {name!r}")
+
+
+__all__ = ["Predictor", "Config", "load_config", "prepare", "train", "evaluate", "synth", "CtrkitError",
            "ConfigError", "DataError"]

@@ -1,4 +1,5 @@
-"""`ctrkit synth | prepare | train | eval | demo` — a thin layer over the Python API.
+"""`ctrkit synth | prepare | train | eval | demo | predict | export` — a thin layer over the
+Python API.
 
 Every command takes an optional YAML config and `key=value` overrides. User errors (bad config,
 bad input files) print one line and exit with status 2, never a traceback. The benchmarks are
@@ -92,6 +93,41 @@ def cmd_demo(cfg, args) -> dict:
     return out
 
 
+def cmd_predict(args) -> dict:
+    """Score raw files with a run's model (ctrkit/serving/predict.py)."""
+    from ctrkit.serving.predict import Predictor
+    p = Predictor.load(args.run, checkpoint=args.checkpoint, batch_rows=args.batch_rows)
+    if args.threads:
+        from ctrkit.train.setup import set_threads
+        set_threads(args.threads)
+    s = p.predict_files(args.input, args.output, columns=args.columns or (),
+                        skip_bad_rows=True if args.skip_bad_rows else None, progress=not args.quiet)
+    out = s.as_dict()
+    out["checkpoint"] = str(p.checkpoint)
+    return out
+
+
+def cmd_export(args) -> dict:
+    """A run's model as a program that runs with torch alone (ctrkit/serving/export.py)."""
+    from ctrkit.serving.export import export_model
+    from ctrkit.serving.predict import Predictor
+    p = Predictor.load(args.run, checkpoint=args.checkpoint)
+    out = export_model(p.model, p.schema, Path(args.out))
+    out["checkpoint"] = str(p.checkpoint)
+    return out
+
+
+def _print_predict(out: dict) -> None:
+    skipped = f", {out['rows_skipped']} skipped {out['skipped']}" if out["rows_skipped"] else ""
+    print(f"scored {out['rows_written']} of {out['rows_read']} rows{skipped} in "
+          f"{out['seconds']:.1f} s ({out['rows_per_s'] or 0:,.0f} rows/s) -> {out['output']}")
+    m = out.get("metrics")
+    if m:
+        print(f"labels in the input: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
+              f"({m['rows']} rows)")
+
+
+RUN_COMMANDS = {"predict": cmd_predict, "export": cmd_export}   # (they take a run, not a config)
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
             "demo": cmd_demo}
 BENCH_MOVED = ("`ctrkit bench` was removed: the benchmarks are programs in bench/, run as "
@@ -122,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "eval":
             sp.add_argument("--checkpoint", default=None, help="checkpoint file (default: best)")
+    sp = sub.add_parser("predict", help="score raw files with a trained run's model")
+    sp.add_argument("run", help="run folder (or a checkpoint inside one)")
+    sp.add_argument("--input", nargs="+", required=True,
+                    help="CSV/TSV/Parquet files or globs, the run's data format; label optional")
+    sp.add_argument("--output", required=True, help=".parquet, .csv or .tsv file (must not exist)")
+    sp.add_argument("--columns", nargs="*", default=[],
+                    help="input columns copied to the output before `probability` (an id column)")
+    sp.add_argument("--skip-bad-rows", action="store_true",
+                    help="skip and count bad rows instead of stopping at the first")
+    sp.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's best)")
+    sp.add_argument("--batch-rows", type=int, default=65536, help="rows scored per batch")
+    sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sp = sub.add_parser("export", help="a trained run's model as a torch.export program")
+    sp.add_argument("run", help="run folder (or a checkpoint inside one)")
+    sp.add_argument("--out", required=True, help="output folder (new, or one export wrote)")
+    sp.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's best)")
+    for sp in (sub.choices["predict"], sub.choices["export"]):
+        sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -132,8 +187,10 @@ def _resume_command(argv: Sequence[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may sit anywhere on the line, also after options.
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    # key=value overrides may sit anywhere on the line, also after options (not for the
+    # commands that take a run: their arguments are paths)
+    overrides = [] if argv and argv[0] in RUN_COMMANDS else \
+        [a for a in argv if "=" in a and not a.startswith("-")]
     if next((a for a in argv if a not in overrides and not a.startswith("-")), None) == "bench":
         print(f"ctrkit: error: {BENCH_MOVED}", file=sys.stderr)
         return 2
@@ -144,6 +201,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     launched = os.environ.get("CTRKIT_LAUNCHED") == "1"   # a rank started by `ctrkit train`
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
+        if args.command in RUN_COMMANDS:
+            result = RUN_COMMANDS[args.command](args)
+            if args.json:
+                _print(result, True)
+            elif args.command == "predict":
+                _print_predict(result)
+            else:
+                print(f"exported to {result.get('out', args.out)}")
+            return 0
         from ctrkit.config import load_config
         config = _config_path(args.args)
         if config is None and args.command == "demo":

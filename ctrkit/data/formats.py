@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
+import dataclasses
 import gzip
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,11 +51,12 @@ class Layout:
     delimiter: str
     header: bool
     column_names: Optional[List[str]]    # the file's columns (None: the parser reads the header)
-    label: str
+    label: Optional[str]                 # None: the file has no label column (scoring new rows)
     features: List[Feature]
     numeric_sources: List[str] = field(default_factory=list)
     string_sources: List[str] = field(default_factory=list)
     quoting: bool = True      # False: `"` is an ordinary character (Criteo/Avazu never quote)
+    passthrough: List[str] = field(default_factory=list)   # other columns read as they are
 
     @property
     def sparse(self) -> List[Feature]:
@@ -87,7 +89,13 @@ class Layout:
 
     @property
     def sources(self) -> List[str]:
-        return [self.label] + self.numeric_sources + self.string_sources
+        used = ([self.label] if self.label else []) + self.numeric_sources + self.string_sources
+        return used + [c for c in self.passthrough if c not in used]
+
+    def without_label(self) -> "Layout":
+        """The same file layout for a file that lacks the label column (predict's input)."""
+        names = [c for c in self.column_names if c != self.label] if self.column_names else None
+        return dataclasses.replace(self, column_names=names, label=None)
 
 
 # Leading bytes of compressed files: gzip and bz2 are read (whatever the file's name), the others
@@ -156,28 +164,79 @@ def _looks_like_header(line: str, delimiter: str) -> bool:
     return head.lower() in ("label", "id", "click") or not head.lstrip("-").replace(".", "").isdigit()
 
 
-def resolve_layout(cfg: DataConfig, path: Path) -> Layout:
-    """The layout of one raw file under this data config (header sniffed when `header: auto`)."""
+def resolve_layout(cfg: DataConfig, path: Path, label_optional: bool = False) -> Layout:
+    """The layout of one raw file under this data config (header sniffed when `header: auto`).
+    `label_optional`: a file without the label column is read too (its layout's label is None):
+    by its header, or without one by having exactly one column fewer."""
     if cfg.format == "parquet":
-        return _generic(cfg, delimiter="", header=True)
+        layout = _generic(cfg, delimiter="", header=True)
+        if label_optional and layout.label not in _parquet_columns(path):
+            return layout.without_label()
+        return layout
     delim = "\t" if cfg.format == "criteo_tsv" else (cfg.delimiter or ",")
     line = first_line(path)
     if not line:
         raise DataError(path, "file is empty")
     header = _looks_like_header(line, delim) if cfg.header == "auto" else bool(cfg.header)
-    names = None
-    if header:
-        names = [c.strip().strip('"') for c in next(csv.reader([line], delimiter=delim))]
+    fields = next(csv.reader([line], delimiter=delim))
+    names = [c.strip().strip('"') for c in fields] if header else None
     hint = delimiter_hint(line, delim)
+    if not header:
+        full = _headerless(cfg, delim, path, hint)
+        if label_optional and len(fields) == len(full.column_names) - 1:
+            return full.without_label()
+        return full
+    return _with_header(cfg, delim, names, path, hint, label_optional)
+
+
+def table_layout(cfg: DataConfig, names: List[str], name: str) -> Layout:
+    """The layout of an in-memory table with these columns (the label column optional); `name`
+    stands for the file in messages."""
+    return _with_header(cfg, "", names, Path(name), "", label_optional=True)
+
+
+def _with_header(cfg: DataConfig, delim: str, names: List[str], path: Path, hint: str,
+                 label_optional: bool = False) -> Layout:
+    without = label_optional and not _has_label(cfg, names)
+    if without:
+        names = names + [_label_name(cfg)]
     if cfg.format in ("criteo_tsv", "criteo_csv"):
-        return _criteo(cfg, delim, header, names, path, hint)
+        layout = _criteo(cfg, delim, True, names, path, hint)
+    elif cfg.format == "avazu_csv":
+        layout = _avazu(cfg, delim, True, names, path, hint)
+    else:
+        layout = _generic(cfg, delim, True, names)
+        missing = [c for c in layout.sources if c not in names]
+        if missing:
+            raise DataError(path, f"header lacks columns {missing[:5]}{hint}", line=1)
+    return layout.without_label() if without else layout
+
+
+def _label_name(cfg: DataConfig) -> str:
+    return {"criteo_tsv": "label", "criteo_csv": "label", "avazu_csv": "click"}.get(cfg.format,
+                                                                                   cfg.label)
+
+
+def _has_label(cfg: DataConfig, names: List[str]) -> bool:
+    label = _label_name(cfg)
+    lower = cfg.format.startswith("criteo")   # (Criteo headers match in any case)
+    return (label.lower() in [n.lower() for n in names]) if lower else label in names
+
+
+def _parquet_columns(path: Path) -> List[str]:
+    import pyarrow.parquet as pq
+    try:
+        return pq.read_schema(str(path)).names
+    except Exception as e:   # (an unreadable file: the reader names the problem)
+        raise DataError(path, f"not a readable parquet file ({e})".splitlines()[0]) from None
+
+
+def _headerless(cfg: DataConfig, delim: str, path: Path, hint: str) -> Layout:
+    if cfg.format in ("criteo_tsv", "criteo_csv"):
+        return _criteo(cfg, delim, False, None, path, hint)
     if cfg.format == "avazu_csv":
-        return _avazu(cfg, delim, header, names, path, hint)
-    layout = _generic(cfg, delim, header, names)
-    missing = [c for c in layout.sources if names is not None and c not in names]
-    if missing:
-        raise DataError(path, f"header lacks columns {missing[:5]}{hint}", line=1)
-    return layout
+        return _avazu(cfg, delim, False, None, path, hint)
+    return _generic(cfg, delim, False)
 
 
 def _criteo(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]], path: Path,

@@ -95,23 +95,8 @@ class BatchLoader:
 
     def _make(self, parts: List[tuple]) -> Batch:
         sparse, dense, labels = self._gather(parts)
-        b = labels.shape[0]
-        lengths = self._ones.get(b)
-        if lengths is None:
-            lengths = self._ones[b] = torch.ones(len(self.keys) * b, dtype=torch.int32)
-        values = torch.from_numpy(sparse.T.astype(np.int64).reshape(-1))   # table-major, as KJT wants
-        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
-        # The batch's distinct (feature, id) pairs, found here in the prefetch thread so the
-        # training step does not sort: keys are feature << 32 | id in batch-major order, which
-        # sort exactly like rows of tables laid out feature after feature. numpy only: no torch op
-        # runs in this thread (see ctrkit/data/ids.py).
-        facts = BatchFacts(one_per_bag=True)
-        if self.precompute_unique:
-            keys = sparse.astype(np.int64)
-            keys += self._feature_shift
-            facts.unique = distinct_ids(keys.reshape(-1))
-        batch = Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels),
-                      facts)
+        batch = make_batch(self.keys, sparse, dense, labels, self._ones,
+                           self._feature_shift if self.precompute_unique else None)
         return batch.pin_memory() if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -153,3 +138,28 @@ class BatchLoader:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(timeout=0.01)
+
+
+def make_batch(keys: List[str], sparse: np.ndarray, dense: np.ndarray, labels: np.ndarray,
+               ones: Optional[dict] = None, feature_shift: Optional[np.ndarray] = None) -> Batch:
+    """One `Batch` from a batch's rows: sparse ids [B, F], dense [B, Dn], labels [B] (numpy).
+
+    `ones` caches the all-ones lengths per batch size; with `feature_shift` (feature f's
+    f << 32) the batch's distinct (feature, id) pairs are found here, in the loader's prefetch
+    thread, so the training step does not sort: keys are feature << 32 | id in batch-major order,
+    which sort exactly like rows of tables laid out feature after feature. numpy only: no torch
+    op runs in this thread (see ctrkit/data/ids.py)."""
+    b = labels.shape[0]
+    ones = {} if ones is None else ones
+    lengths = ones.get(b)
+    if lengths is None:
+        lengths = ones[b] = torch.ones(len(keys) * b, dtype=torch.int32)
+    values = torch.from_numpy(sparse.T.astype(np.int64).reshape(-1))   # table-major, as KJT wants
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=b)
+    facts = BatchFacts(one_per_bag=True)
+    if feature_shift is not None:
+        ids = sparse.astype(np.int64)
+        ids += feature_shift
+        facts.unique = distinct_ids(ids.reshape(-1))
+    return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels),
+                 facts)

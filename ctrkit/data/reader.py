@@ -57,13 +57,16 @@ def _csv_options(layout: Layout, block_mb: int, skip_bad: bool, invalid: List[in
     parse = pacsv.ParseOptions(delimiter=layout.delimiter,
                                quote_char='"' if layout.quoting else False,
                                invalid_row_handler=on_invalid if skip_bad else None)
-    types = {layout.label: pa.int64()}
+    types = {c: pa.string() for c in layout.passthrough}
+    if layout.label:
+        types[layout.label] = pa.int64()
     types.update({c: pa.float64() for c in layout.numeric_sources})
     types.update({c: pa.string() for c in layout.string_sources})
     types.update({c: pa.dictionary(pa.int32(), pa.string()) for c in layout.dict_sources})
     if skip_bad:  # numerics are validated per value below, so read them as text
         types.update({c: pa.string() for c in layout.numeric_sources})
-        types[layout.label] = pa.string()
+        if layout.label:
+            types[layout.label] = pa.string()
     convert = pacsv.ConvertOptions(column_types=types, include_columns=layout.sources,
                                    strings_can_be_null=True, quoted_strings_can_be_null=True)
     return read, parse, convert
@@ -95,7 +98,8 @@ def _value_checks(cols: Dict[str, pa.Array], layout: Layout) -> List[Check]:
 
 
 def _keep(checks: List[Check], stats: ReadStats) -> pa.Array:
-    """Rows passing every check; each other row is counted once, under its first failed check."""
+    """Rows passing every check; each other row is counted once, under its first failed check
+    (None: no checks, every row)."""
     keep = None
     for reason, _, ok in checks:
         bad = pc.invert(ok) if keep is None else pc.and_(keep, pc.invert(ok))
@@ -109,9 +113,11 @@ def _filter_bad_values(batch: pa.RecordBatch, layout: Layout, stats: ReadStats) 
     infinite number, or a bad date-hour. Label and numerics arrive as text."""
     cols = {name: batch.column(name) for name in batch.schema.names}
     null = pa.scalar(None, pa.string())
-    ok = pc.is_in(cols[layout.label], value_set=pa.array(["0", "1"]))
-    checks = [("bad_label", layout.label, ok)]
-    cols[layout.label] = pc.cast(pc.if_else(ok, cols[layout.label], null), pa.int64())
+    checks = []
+    if layout.label:
+        ok = pc.is_in(cols[layout.label], value_set=pa.array(["0", "1"]))
+        checks.append(("bad_label", layout.label, ok))
+        cols[layout.label] = pc.cast(pc.if_else(ok, cols[layout.label], null), pa.int64())
     for c in layout.numeric_sources:
         text = pc.utf8_trim_whitespace(cols[c])
         ok = pc.fill_null(pc.match_substring_regex(text, _NUMBER), True)
@@ -119,7 +125,8 @@ def _filter_bad_values(batch: pa.RecordBatch, layout: Layout, stats: ReadStats) 
         cols[c] = pc.cast(pc.if_else(ok, text, null), pa.float64())
     checks += _value_checks(cols, layout)
     keep = _keep(checks, stats)
-    return pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols)).filter(keep)
+    batch = pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
+    return batch if keep is None else batch.filter(keep)
 
 
 def iter_batches(path: Path, layout: Layout, block_mb: int, stats: ReadStats,
@@ -182,9 +189,9 @@ def _iter_csv(path: Path, layout: Layout, block_mb: int, stats: ReadStats, skip_
 
 def _check_values(batch: pa.RecordBatch, layout: Layout) -> None:
     """Strict mode: any bad value fails the read; `diagnose` then finds its line."""
-    lab = batch.column(layout.label)
-    bad = [layout.label] if lab.null_count or not pc.all(
-        pc.is_in(lab, value_set=pa.array([0, 1], pa.int64()))).as_py() else []
+    lab = batch.column(layout.label) if layout.label else None
+    bad = [layout.label] if lab is not None and (lab.null_count or not pc.all(
+        pc.is_in(lab, value_set=pa.array([0, 1], pa.int64()))).as_py()) else []
     bad += [c for c in layout.numeric_sources if pc.any(pc.is_inf(batch.column(c))).as_py()]
     bad += [c for c in layout.hour_sources if len(_bad_hours(batch.column(c)))]
     bad += [c for c in layout.float32_sources
@@ -209,15 +216,40 @@ def _iter_parquet(path: Path, layout: Layout, stats: ReadStats,
     missing = [c for c in layout.sources if c not in f.schema_arrow.names]
     if missing:
         raise DataError(path, f"columns {missing} not in file (has {f.schema_arrow.names[:8]}...)")
-    row0 = 0
     batches = f.iter_batches(batch_size=262_144, columns=layout.sources)
-    while True:
-        try:
-            batch = next(batches, None)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(path, f"not a readable parquet file ({e})".splitlines()[0]) from None
-        if batch is None:
-            return
+
+    def read() -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(path, f"not a readable parquet file ({e})".splitlines()[0]) from None
+            if batch is None:
+                return
+            yield batch
+    return typed_batches(read(), path, layout, stats, skip_bad)
+
+
+def iter_table_batches(table: pa.Table, name: str, layout: Layout, stats: ReadStats,
+                       skip_bad: bool = False,
+                       batch_rows: int = 262_144) -> Iterator[pa.RecordBatch]:
+    """An in-memory table's rows (a DataFrame or dicts made into one), typed and checked as a
+    parquet file's are; `name` stands for the file in messages."""
+    missing = [c for c in layout.sources if c not in table.column_names]
+    if missing:
+        raise DataError(Path(name), f"columns {missing} missing (has {table.column_names[:8]}...)")
+    stats.files.append(name)
+    return typed_batches(iter(table.select(layout.sources).to_batches(max_chunksize=batch_rows)),
+                         Path(name), layout, stats, skip_bad)
+
+
+def typed_batches(batches: Iterator[pa.RecordBatch], path: Path, layout: Layout, stats: ReadStats,
+                  skip_bad: bool) -> Iterator[pa.RecordBatch]:
+    """Columns cast to the reader's types (label int64, numerics float64, strings with "" as
+    missing), every value checked: a bad one fails with its row and field, or (`skip_bad`) its
+    row is counted as skipped."""
+    row0 = 0
+    for batch in batches:
         cols = {}
         for name in batch.schema.names:
             col = batch.column(name)
@@ -234,13 +266,16 @@ def _iter_parquet(path: Path, layout: Layout, stats: ReadStats,
             cols[name] = col
         n = batch.num_rows
         stats.rows_read += n
-        lab = pc.fill_null(pc.is_in(cols[layout.label], value_set=pa.array([0, 1], pa.int64())),
-                           False)
-        checks = [("bad_label", layout.label, lab)] + _value_checks(cols, layout)
+        checks = _value_checks(cols, layout)
+        if layout.label:
+            lab = pc.fill_null(pc.is_in(cols[layout.label],
+                                        value_set=pa.array([0, 1], pa.int64())), False)
+            checks.insert(0, ("bad_label", layout.label, lab))
         batch = pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
-        if skip_bad:
-            batch = batch.filter(_keep(checks, stats))
-        else:
+        keep = _keep(checks, stats) if skip_bad else None
+        if keep is not None:
+            batch = batch.filter(keep)
+        elif not skip_bad:
             for reason, c, ok in checks:
                 bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
                 if len(bad):
@@ -288,7 +323,7 @@ def diagnose(path: Path, layout: Layout, arrow_msg: str) -> DataError:
                     return DataError(path, f"expected {len(names)} columns, got {len(row)}{hint}",
                                      line=start)
                 rec = dict(zip(names, row))
-                lab = rec.get(layout.label, "").strip()
+                lab = rec.get(layout.label, "").strip() if layout.label else "0"
                 if lab not in ("0", "1"):
                     return DataError(path, _MESSAGES["bad_label"].format(lab), line=start,
                                      field=layout.label)

@@ -28,7 +28,7 @@ from ctrkit.metrics import evaluate_split
 from ctrkit.train.interrupt import StopSignals
 from ctrkit.train.logging import NullLogger, RunLogger, plot_curves, read_json, write_json
 from ctrkit.train.memory import keep_freed_memory
-from ctrkit.train.run_dir import RUN, open_run_dir, resume_conflict
+from ctrkit.train.run_dir import RUN, open_run_dir, resume_conflict, save_scoring_data
 from ctrkit.train.setup import build_training_model, set_threads
 from ctrkit.train.trainer import Trainer
 
@@ -104,6 +104,7 @@ def _run(cfg: Config, env: DistEnv, schema: Schema, run_dir: Path,
     logger = NullLogger()
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        save_scoring_data(run_dir, schema)
         logger = RunLogger(run_dir, tensorboard=tc.tensorboard,
                            resume_step=trainer.step if resume is not None else None)
     try:

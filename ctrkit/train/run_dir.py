@@ -3,6 +3,8 @@ it, and `train.overwrite` removes only what ctrkit wrote there (ctrkit/ownership
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -11,17 +13,21 @@ import yaml
 from ctrkit.config import Config
 from ctrkit.data.fingerprint import DATA_KEYS
 from ctrkit.data.preprocess import SPLITS, split_files
+from ctrkit.data.schema import SCHEMA_FILE, Schema
 from ctrkit.errors import CtrkitError
 from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder
 from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN, read_marker
 
 RUN = "run folder"
 CHECKPOINTS = "checkpoints"
+SCORING_DATA = "data"   # the schema and vocabularies the run was trained with (ctrkit predict)
 # Everything a run writes, recorded in the manifest before it is written.
 RUN_FILES = ["config.yaml", "launch.yaml", "metrics.csv", "metrics.json", "curves.png",
-             f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{MARKER}", f"{CHECKPOINTS}/best.pt"]
-RUN_PATTERNS = ["tb/events.out.tfevents.*", f"{CHECKPOINTS}/{RANK_PATTERN}"]
-RUN_DIRS = ["tb", CHECKPOINTS]
+             f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{MARKER}", f"{CHECKPOINTS}/best.pt",
+             f"{SCORING_DATA}/{SCHEMA_FILE}"]
+RUN_PATTERNS = ["tb/events.out.tfevents.*", f"{CHECKPOINTS}/{RANK_PATTERN}",
+                f"{SCORING_DATA}/vocab/*.arrow", f"{SCORING_DATA}/vocab/.*.tmp"]
+RUN_DIRS = ["tb", CHECKPOINTS, SCORING_DATA, f"{SCORING_DATA}/vocab"]
 # a sharded run's best model (torch.distributed.checkpoint folders), recorded when first saved
 SHARDED_BEST_TREES = [f"{CHECKPOINTS}/best", f"{CHECKPOINTS}/best.tmp", f"{CHECKPOINTS}/best.old"]
 
@@ -103,3 +109,25 @@ def open_run_dir(cfg: Config) -> Iterator[Path]:
             folder.clear()
         folder.record(files=RUN_FILES, patterns=RUN_PATTERNS, dirs=RUN_DIRS)
         yield run_dir
+
+
+def save_scoring_data(run_dir: Path, schema: Schema) -> None:
+    """The schema and vocabularies the run is trained with, into `run_dir/data/`: the run folder
+    then scores new rows on any machine (ctrkit/serving/predict.py). Vocabularies are hard links
+    where the filesystem allows (prepare replaces its files, it never rewrites them), else
+    copies; each appears atomically, schema.json last."""
+    out = run_dir / SCORING_DATA
+    (out / "vocab").mkdir(parents=True, exist_ok=True)
+    for f in schema.sparse:
+        src = Path(schema.root) / "vocab" / f"{f.name}.arrow"
+        dst = out / "vocab" / f"{f.name}.arrow"
+        with contextlib.suppress(OSError):
+            if os.path.samefile(src, dst):
+                continue
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    schema.save(out)

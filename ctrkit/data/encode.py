@@ -1,0 +1,81 @@
+"""Raw record batches -> model inputs with a prepared folder's vocabularies, batch by batch.
+
+`RowEncoder(schema).encode(batch, layout)` gives the ids and dense values `prepare` writes for the
+same rows: the same column transforms (ctrkit/data/preprocess.py), a value of the training
+vocabulary gets its id (2..), any other value the out-of-vocabulary id 0, a missing one id 1.
+Each vocabulary is loaded once into a hash index; a batch looks up only its distinct values.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
+
+from ctrkit.data.formats import Feature, Layout
+from ctrkit.data.preprocess import _dense_column, _sparse_column
+from ctrkit.data.schema import MISSING_ID, OOV_ID, Schema
+from ctrkit.errors import CtrkitError
+
+
+def vocab_path(schema: Schema, name: str):
+    return schema.root / "vocab" / f"{name}.arrow"
+
+
+class RowEncoder:
+    """Encodes raw rows for the model trained on `schema` (its folder holds the vocabularies)."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self._index: Dict[str, pd.Index] = {}
+
+    def check(self, layout: Layout, where: str) -> None:
+        """The file's features must be the ones the model was trained on, in the same order."""
+        have = [(f.name, "sparse" if f.is_sparse else "dense") for f in layout.features]
+        want = [(f.name, f.kind) for f in self.schema.features]
+        if have != want:
+            raise CtrkitError(f"{where}: its features {[n for n, _ in have][:6]}... are not the "
+                              f"ones the model was trained on ({[n for n, _ in want][:6]}...)")
+
+    def index(self, name: str) -> pd.Index:
+        """The training vocabulary of feature `name`: position i holds the value of id i + 2."""
+        ix = self._index.get(name)
+        if ix is None:
+            path = vocab_path(self.schema, name)
+            try:
+                values = feather.read_table(str(path), columns=["value"]).column("value")
+            except (OSError, pa.ArrowInvalid, KeyError) as e:
+                raise CtrkitError(f"{path}: unreadable vocabulary ({e})".splitlines()[0]) from None
+            ix = self._index[name] = pd.Index(values.to_numpy(), dtype=object)
+        return ix
+
+    def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
+        d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+        values = d.dictionary
+        if not pa.types.is_string(values.type):   # (the vocabularies hold strings)
+            values = values.cast(pa.string())
+        found = self.index(f.name).get_indexer(values.to_numpy(zero_copy_only=False))
+        remap = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+        idx = pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False)
+        return np.append(remap, np.int32(MISSING_ID))[idx]   # (-1, missing, picks the last slot)
+
+    def encode(self, batch: pa.RecordBatch,
+               layout: Layout) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(sparse ids [B, F] int32, dense [B, Dn] float32, labels [B] float32 or None)."""
+        n = batch.num_rows
+        sparse = np.empty((n, len(layout.sparse)), np.int32)
+        for j, f in enumerate(layout.sparse):
+            col = _sparse_column(batch, f)
+            if isinstance(col, pa.ChunkedArray):
+                col = col.combine_chunks()
+            sparse[:, j] = self._ids(col, f)
+        dense_cols: List[np.ndarray] = [_dense_column([batch.column(f.source)], f, n)
+                                        for f in layout.dense]
+        dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
+        labels = None
+        if layout.label:
+            labels = batch.column(layout.label).to_numpy(zero_copy_only=False).astype(np.float32)
+        return sparse, dense, labels

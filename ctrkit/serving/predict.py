@@ -1,0 +1,223 @@
+"""Scoring new rows with a trained run: `Predictor.load(run).predict(rows)` and `ctrkit predict`.
+
+A run folder holds what scoring needs (ctrkit/train/run_dir.py): its config.yaml, its checkpoints,
+and in `data/` the schema and vocabularies it was trained with. Rows go through the run's own
+transforms and vocabularies (ctrkit/data/encode.py: a value never seen gets the
+out-of-vocabulary id, as in training), are checked as `prepare` checks them (a bad value is an
+error naming file, line and field, or with `skip_bad_rows` a counted skip), and are scored in
+batches. Files are streamed: memory does not grow with the input (but for the labels and
+probabilities kept for AUC when the input has labels, 12 bytes a row).
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ctrkit.config import Config, load_config
+from ctrkit.data.encode import RowEncoder
+from ctrkit.data.formats import Layout, resolve_layout, table_layout
+from ctrkit.data.loader import make_batch
+from ctrkit.data.preprocess import split_files
+from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
+from ctrkit.data.schema import Schema
+from ctrkit.errors import CtrkitError
+from ctrkit.metrics import auc_logloss
+from ctrkit.train.checkpointing import checkpoint_to_evaluate, load_for_evaluation
+from ctrkit.train.run_dir import SCORING_DATA
+from ctrkit.train.setup import build_training_model
+
+PROBABILITY = "probability"   # the output column
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
+Rows = Union["pa.Table", "pa.RecordBatch", list, "object"]   # a pandas DataFrame is the object
+
+
+def find_run(path: Path) -> Tuple[Path, Optional[Path]]:
+    """(run folder, checkpoint or None) of a run folder or a checkpoint inside one."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return path, None
+    if path.exists():
+        for parent in list(path.resolve().parents)[:3]:
+            if (parent / "config.yaml").is_file() and (parent / SCORING_DATA).is_dir():
+                return parent, path
+        raise CtrkitError(f"{path}: neither a run folder nor a checkpoint inside one")
+    raise CtrkitError(f"{path}: not found")
+
+
+@dataclass
+class PredictSummary:
+    rows_read: int
+    rows_written: int
+    rows_skipped: int
+    skipped: dict
+    seconds: float
+    output: Optional[str] = None
+    metrics: Optional[dict] = None   # AUC and logloss, when the input has labels
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["rows_per_s"] = round(self.rows_read / self.seconds, 1) if self.seconds > 0 else None
+        return d
+
+
+class Predictor:
+    """A trained model with the encoders it was trained with. `predict(rows)` takes a pandas
+    DataFrame, a pyarrow Table or a list of dicts (raw values, label column optional) and returns
+    one probability per row (numpy float64), in row order; `predict_files` streams files."""
+
+    def __init__(self, cfg: Config, schema: Schema, model: torch.nn.Module, checkpoint: Path,
+                 batch_rows: int = 65536) -> None:
+        self.cfg, self.schema, self.model, self.checkpoint = cfg, schema, model.eval(), checkpoint
+        self.encoder = RowEncoder(schema)
+        self.batch_rows = batch_rows
+        self.keys = [f.name for f in schema.sparse]
+        self._ones: dict = {}
+
+    @classmethod
+    def load(cls, run: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
+             batch_rows: int = 65536) -> "Predictor":
+        """The model of a run folder (its best checkpoint, else last), or of a checkpoint in one."""
+        run_dir, named = find_run(Path(run))
+        named = Path(checkpoint) if checkpoint is not None else named
+        try:
+            cfg = load_config(str(run_dir / "config.yaml"))
+        except CtrkitError as e:
+            raise CtrkitError(f"{run_dir}: config.yaml does not load with this ctrkit version "
+                              f"({e})") from None
+        if not (run_dir / SCORING_DATA / "schema.json").is_file():
+            raise CtrkitError(f"{run_dir}: no {SCORING_DATA}/schema.json (a run trained by an "
+                              "older ctrkit, or one that never started): train it again to score "
+                              "with it")
+        schema = Schema.load(run_dir / SCORING_DATA)
+        path = checkpoint_to_evaluate(run_dir, str(named) if named else None)
+        model = build_training_model(cfg, schema, torch.device("cpu"))
+        load_for_evaluation(model, path, cfg.model.name)
+        return cls(cfg, schema, model, path, batch_rows)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def _score(self, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        batch = make_batch(self.keys, sparse, dense, np.zeros(len(sparse), np.float32), self._ones)
+        return torch.sigmoid(batch.logits(self.model)).double().numpy()
+
+    def _scored(self, batches: Iterator[pa.RecordBatch], layout: Layout):
+        """(record batch, probabilities, labels or None) per batch of rows."""
+        for rb in batches:
+            for start in range(0, rb.num_rows, self.batch_rows):
+                part = rb.slice(start, self.batch_rows)
+                sparse, dense, labels = self.encoder.encode(part, layout)
+                yield part, self._score(sparse, dense), labels
+
+    def predict(self, rows: Rows, skip_bad_rows: bool = False) -> np.ndarray:
+        """One probability per row of a DataFrame, pyarrow Table or list of dicts."""
+        table = _as_table(rows)
+        layout = table_layout(self.cfg.data, table.column_names, "rows")
+        self.encoder.check(layout, "rows")
+        if table.num_rows == 0:
+            return np.zeros(0)
+        batches = iter_table_batches(table, "rows", layout, ReadStats(), skip_bad_rows)
+        out = [p for _, p, _ in self._scored(batches, layout)]
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def predict_files(self, inputs: Sequence[str], output: Union[str, Path],
+                      columns: Sequence[str] = (), skip_bad_rows: Optional[bool] = None,
+                      progress: bool = True) -> PredictSummary:
+        """Score raw files (the formats `prepare` reads) into `output` (.parquet, .csv or .tsv):
+        the `columns` passed through, then `probability`, one row per row read (less the counted
+        skips). The output appears whole, atomically, and never replaces an existing file."""
+        output = Path(output)
+        kind = OUTPUT_FORMATS.get(output.suffix.lower())
+        if kind is None:
+            raise CtrkitError(f"--output {output}: name a .parquet, .csv or .tsv file")
+        if output.exists():
+            raise CtrkitError(f"--output {output} exists; ctrkit never replaces a file it did not "
+                              "write: choose another name")
+        if not output.parent.is_dir():
+            raise CtrkitError(f"--output {output}: folder {output.parent} does not exist")
+        files = [p for pattern in inputs for p in split_files(pattern)]
+        skip = self.cfg.data.skip_bad_rows if skip_bad_rows is None else skip_bad_rows
+        stats, labels_all, probs_all = ReadStats(), [], []
+        tmp = output.with_name(f".{output.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
+        writer = None
+        t0 = time.time()
+        bar = tqdm(desc="predict", unit=" rows", disable=not progress, mininterval=1.0)
+        try:
+            for path in files:
+                if path.stat().st_size == 0:
+                    print(f"ctrkit predict: {path} is empty: no rows to score", flush=True)
+                    continue
+                layout = resolve_layout(self.cfg.data, path, label_optional=True)
+                layout.passthrough = list(columns)
+                self.encoder.check(layout, str(path))
+                batches = iter_batches(path, layout, self.cfg.data.read_block_mb, stats, skip,
+                                       whole_file_mb=0)
+                for rb, probs, labels in self._scored(_nonempty(batches), layout):
+                    table = pa.table([rb.column(c) for c in columns] + [pa.array(probs)],
+                                     names=list(columns) + [PROBABILITY])
+                    writer = writer or _writer(tmp, kind, table.schema)
+                    writer.write_table(table)
+                    if labels is not None:
+                        labels_all.append(labels)
+                        probs_all.append(probs)
+                    bar.update(rb.num_rows)
+            if writer is None:   # no rows at all: an empty file with the columns
+                empty = pa.schema([(c, pa.string()) for c in columns] + [(PROBABILITY, pa.float64())])
+                writer = _writer(tmp, kind, empty)
+            writer.close()
+            writer = None
+            os.replace(tmp, output)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            if tmp.exists():
+                tmp.unlink()
+        d = stats.as_dict()
+        metrics = None
+        if labels_all and sum(len(x) for x in labels_all):
+            metrics = auc_logloss(np.concatenate(labels_all), np.concatenate(probs_all))
+        written = d["rows_read"] - d["rows_skipped"]
+        return PredictSummary(d["rows_read"], written, d["rows_skipped"], d["skipped"],
+                              round(time.time() - t0, 3), str(output), metrics)
+
+
+def _nonempty(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The reader's batches; a file with no data rows (a header alone) scores to nothing."""
+    from ctrkit.errors import DataError
+    try:
+        yield from batches
+    except DataError as e:
+        if not str(e).endswith("file has no data rows"):
+            raise
+
+
+def _writer(path: Path, kind: str, schema: pa.Schema):
+    if kind == "parquet":
+        return pq.ParquetWriter(str(path), schema)
+    options = pacsv.WriteOptions(delimiter="\t" if kind == "tsv" else ",")
+    return pacsv.CSVWriter(str(path), schema, write_options=options)
+
+
+def _as_table(rows: Rows) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, pa.RecordBatch):
+        return pa.Table.from_batches([rows])
+    if isinstance(rows, list):   # (through pandas: a NaN among strings means missing, as there)
+        import pandas as pd
+        return pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+    if hasattr(rows, "columns") and hasattr(rows, "dtypes"):   # a pandas DataFrame
+        return pa.Table.from_pandas(rows, preserve_index=False)
+    raise CtrkitError(f"predict: rows must be a pandas DataFrame, a pyarrow Table or a list of "
+                      f"dicts, not {type(rows).__name__}")
