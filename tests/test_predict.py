@@ -145,3 +145,21 @@ def test_a_run_without_scoring_data_is_one_line(criteo_run, tmp_path):
     shutil.rmtree(old / "data")
     with pytest.raises(Exception, match="no data/schema.json"):
         Predictor.load(old)
+
+
+def test_a_run_from_an_incompatible_version_is_one_line(criteo_run, tmp_path, capsys):
+    import json
+    _, run_dir, _ = criteo_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    schema = json.loads((old / "data" / "schema.json").read_text())
+    schema["version"] = 1
+    (old / "data" / "schema.json").write_text(json.dumps(schema))
+    out = tmp_path / "o.csv"
+    assert main(["predict", str(old), "--input", str(LAPIS_CRITEO / "dev.csv"), "--output",
+                 str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another ctrkit version" in err
+    (old / "config.yaml").write_text((old / "config.yaml").read_text() + "\nnew_section: {a: 1}\n")
+    with pytest.raises(Exception, match="does not load with this ctrkit version"):
+        Predictor.load(old)

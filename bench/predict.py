@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Serving speed: `ctrkit predict` end to end, and the exported model's latency.
+
+    python bench/predict.py CONFIG [--run RUN] [--input FILE] [--out DIR] [--work DIR]
+        [--threads 1,2] [--rounds 5] [--train-steps 200] [--set KEY=VALUE ...]
+
+With `--run` the run's model is measured; without, a model is trained from CONFIG for
+`--train-steps` steps into WORK/run first (WORK also holds the scores and the export). At each thread count, alternated round by round (this
+host's CPU speed drifts several-fold within minutes, so the targets are ratios within a round):
+- predict: `Predictor.predict_files` from the raw file (default: the config's data.valid) to a
+  Parquet file, rows/s end to end (reading, encoding with the run's vocabularies, scoring,
+  writing; the model is loaded once, outside the timing);
+- read: pyarrow's plain CSV read of the same file (pyarrow.csv.read_csv, every column);
+- train: the trainer's own training step of the same model (`Trainer.train_step`, data loading
+  included; bench/throughput.py's full step) in samples/s.
+Targets: predict/read >= 0.3, predict/train >= 3. Then the exported program (ctrkit export:
+model.pt2, run with torch alone) at batch 1, 32 and 512: p50 and p99 latency of a call.
+One result file per thread count, DIR/predict_t<threads>.json; a finished one is skipped.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+import bench_args
+from fixed_runs import write_json
+from throughput import alternate, full_variant
+
+LATENCY_BATCHES = (1, 32, 512)
+
+
+def _read_rows_per_s(path: Path, delim: str) -> float:
+    import pyarrow.csv as pacsv
+    t = time.perf_counter()
+    table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+                           parse_options=pacsv.ParseOptions(delimiter=delim))
+    return table.num_rows / (time.perf_counter() - t)
+
+
+def _predict_rows_per_s(predictor, path: Path, out: Path) -> float:
+    target = out / "scores.parquet"
+    s = predictor.predict_files([str(path)], target, progress=False)
+    target.unlink()
+    return s.rows_read / s.seconds
+
+
+def _train_samples_per_s(cfg, schema, work: Path, steps: int = 3):
+    v = full_variant(cfg, schema, work / "train_step_unused")
+    batch = cfg.train.batch_size
+
+    def measure() -> float:
+        v.times.clear()
+        alternate([v], rounds=1, steps_per_round=steps)
+        return batch / v.times[0]
+    alternate([v], rounds=1, steps_per_round=1)   # (warm-up)
+    return measure
+
+
+def latency(program, schema, batches=LATENCY_BATCHES, calls: int = 200) -> Dict[str, dict]:
+    """p50/p99 milliseconds of one call of the exported program per batch size (random ids in
+    each table's range, random dense values)."""
+    out = {}
+    rng = np.random.default_rng(0)
+    sizes = np.array([f.vocab_size for f in schema.sparse])
+    for b in batches:
+        ids = torch.from_numpy((rng.random((b, len(sizes))) * sizes).astype(np.int64))
+        dense = torch.from_numpy(rng.random((b, len(schema.dense)), dtype=np.float32))
+        with torch.no_grad():
+            for _ in range(10):
+                program(dense, ids)
+            times = []
+            for _ in range(calls if b < 512 else calls // 4):
+                t = time.perf_counter()
+                program(dense, ids)
+                times.append((time.perf_counter() - t) * 1e3)
+        out[str(b)] = {"p50_ms": round(float(np.percentile(times, 50)), 3),
+                       "p99_ms": round(float(np.percentile(times, 99)), 3), "calls": len(times)}
+    return out
+
+
+def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: int) -> dict:
+    from ctrkit.data.preprocess import open_prepared
+    from ctrkit.serving.predict import Predictor
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(run)
+    delim = "\t" if cfg.data.format == "criteo_tsv" else ","
+    with open_prepared(cfg, progress=False) as schema:
+        train_rate = _train_samples_per_s(cfg, schema, out)
+        rows: Dict[str, List[float]] = {"predict": [], "read": [], "train": []}
+        for _ in range(rounds):
+            rows["read"].append(_read_rows_per_s(input_path, delim))
+            rows["predict"].append(_predict_rows_per_s(predictor, input_path, out))
+            rows["train"].append(train_rate())
+    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(rows[a], rows[b])), 3)  # noqa: E731
+    result = {"threads": threads, "input": str(input_path), "run": str(run),
+              "checkpoint": str(predictor.checkpoint), "model": cfg.model.name,
+              "train_batch_size": cfg.train.batch_size, "rounds": rounds,
+              "rows_per_s": {k: [round(x) for x in v] for k, v in rows.items()},
+              "median_rows_per_s": {k: round(statistics.median(v)) for k, v in rows.items()},
+              "predict_over_read": ratio("predict", "read"),
+              "predict_over_train": ratio("predict", "train"),
+              "targets": {"predict_over_read": 0.3, "predict_over_train": 3.0},
+              "host": platform.node(), "torch": torch.__version__,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        from ctrkit.serving.export import export_model
+        folder = out / "export"
+        if not (folder / "model.pt2").is_file():
+            export_model(predictor.model, predictor.schema, folder)
+        program = torch.export.load(str(folder / "model.pt2")).module()
+        result["exported_latency"] = latency(program, predictor.schema)
+    except Exception as e:   # (recorded: the speed of predict stands on its own)
+        result["exported_latency_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    return result
+
+
+def build_parser() -> bench_args.Parser:
+    p = bench_args.parser("bench/predict.py", __doc__.splitlines()[1])
+    p.add_argument("--run", type=Path, default=None, help="a trained run folder")
+    p.add_argument("--input", type=Path, default=None, help="raw file (default: data.valid)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/predict"))
+    p.add_argument("--work", type=Path, default=Path("runs/bench_predict"),
+                   help="the trained run, scores and export (not results)")
+    p.add_argument("--threads", type=bench_args.comma_list(int, "--threads"), default=[1, 2])
+    p.add_argument("--rounds", type=bench_args.count(1), default=5)
+    p.add_argument("--train-steps", type=bench_args.count(1), default=200)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = bench_args.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> dict:
+        import ctrkit
+        from ctrkit.data.preprocess import split_files
+        cfg = bench_args.load(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        args.work.mkdir(parents=True, exist_ok=True)
+        run = args.run
+        if run is None:
+            run = args.work / "run"
+            if not (run / "data" / "schema.json").is_file():
+                tc = cfg.train.model_copy(update={"run_dir": str(run), "max_steps": args.train_steps,
+                                                  "progress": False, "plot": False,
+                                                  "tensorboard": False, "overwrite": True})
+                ctrkit.train(cfg.model_copy(update={"train": tc}))
+        input_path = args.input or split_files(cfg.data.valid)[0]
+        done = {}
+        for t in args.threads:
+            path = args.out / f"predict_t{t}.json"
+            if path.is_file():
+                print(f"predict: {path} done earlier, skipped", file=sys.stderr)
+                continue
+            done[str(t)] = measure(cfg, run, input_path, args.work, t, args.rounds)
+            write_json(path, done[str(t)])
+            print(f"predict: threads {t}: {done[str(t)]['median_rows_per_s']}, predict/read "
+                  f"{done[str(t)]['predict_over_read']}, predict/train "
+                  f"{done[str(t)]['predict_over_train']}", file=sys.stderr)
+        return done
+    return bench_args.run("bench/predict.py", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
