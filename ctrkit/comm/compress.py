@@ -30,9 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KNOWN = ("identity", "topk", "randk", "int8", "int4", "sign", "fp16", "bf16")
-_SELECTORS = ("topk", "randk")
-_CODERS = ("int8", "int4", "sign", "fp16", "bf16")
+from ctrkit.registry import Registry
+
+# The parts a spec names, each a factory `(spec, name, arg) -> Selector | Coder` (`arg`: the text
+# after the name's ':'; raise ValueError naming `spec` on a bad one). A plug-in adds its own with
+# the decorator before the config loads (docs/compression.md), e.g.
+#     @CODERS.register("ternary")
+#     def _ternary(spec, name, arg): return MyTernaryCoder()     # a Coder subclass
+SELECTORS = Registry("compressor selector", {})
+CODERS = Registry("compressor value coder", {})
+
 _HEADER = 4
 _MASK64 = (1 << 64) - 1
 _SALT_SELECT, _SALT_ROUND = 1, 2
@@ -109,7 +116,7 @@ def exact_rows_bytes(num_sent_rows: int, width: int, num_rows: int) -> int:
 
 # ---------------------------------------------------------------- selectors
 
-class _Selector:
+class Selector:
     """Chooses which rows / entries go out; keeps positions sorted so row ids stay ascending."""
     name = ""
     sends_dense_ids = True
@@ -129,7 +136,7 @@ class _Selector:
         raise NotImplementedError
 
 
-class _TopK(_Selector):
+class _TopK(Selector):
     """Largest scores (row L2 norm / entry magnitude): keeps >= k/n >= R of the energy, so delta = R."""
     name = "topk"
 
@@ -140,7 +147,7 @@ class _TopK(_Selector):
         return torch.topk(score, k, sorted=False).indices.sort().values
 
 
-class _RandK(_Selector):
+class _RandK(Selector):
     """Uniform random k-subset, unscaled (biased): E||x - C(x)||^2 = (1 - k/n)||x||^2, so delta = R."""
     name = "randk"
     sends_dense_ids = False
@@ -177,7 +184,7 @@ def _from_chunks(y: Tensor, r: int, w: int, c: int, nc: int) -> Tensor:
     return y[:, :w].contiguous() if nc * c != w else y
 
 
-class _Coder:
+class Coder:
     """Writes an [R, W] float32 block of kept values; decode(encode(x)) is what the receiver sees."""
     name = ""
     spec = ""
@@ -195,7 +202,7 @@ class _Coder:
         raise NotImplementedError
 
 
-class _Float(_Coder):
+class _Float(Coder):
     """Plain casts.
 
     fp16: round-to-nearest relative error <= 2^-11 per element, squared 2^-22; delta = 1 - 2^-20
@@ -227,7 +234,7 @@ class _Float(_Coder):
         return buf.clone().view(self.dtype).to(torch.float32).reshape(r, w)
 
 
-class _Quant(_Coder):
+class _Quant(Coder):
     """Symmetric stochastic rounding to codes in [-L, L] with scale = max|x|/L per group of B.
 
     Unbiased, and the per-element variance is <= scale^2/4, so the error is <= B max|x|^2/(4L^2)
@@ -282,7 +289,7 @@ class _Quant(_Coder):
         return _from_chunks(out, r, w, c, nc)
 
 
-class _Sign(_Coder):
+class _Sign(Coder):
     """(||x||_1 / d) * sign(x) per group of d <= B elements: one bit each plus one fp32 scale.
 
     The error is ||x||^2 - ||x||_1^2/d <= (1 - 1/d)||x||^2, so delta = 1/B with B = min(width, block)
@@ -330,7 +337,7 @@ class Compressor:
     E||Q(Sx) - x||^2 <= ||x||^2 - delta_q ||Sx||^2 <= (1 - delta_q delta_s) ||x||^2.
     """
 
-    def __init__(self, selector: Optional[_Selector], coder: _Coder) -> None:
+    def __init__(self, selector: Optional[Selector], coder: Coder) -> None:
         self.selector, self.coder = selector, coder
         parts = [selector.spec] if selector else []
         if coder.name != "identity" or not parts:
@@ -457,24 +464,36 @@ def unpack_dense(data: Tensor, compressor: Compressor, numel: int, seed: int) ->
 
 # ---------------------------------------------------------------- specs
 
-def _parse_part(spec: str, part: str) -> object:
-    name, _, arg = part.partition(":")
-    name = name.strip().lower()
-    if name not in KNOWN:
-        raise ValueError(f"compressor {spec!r}: unknown name {name!r} (known: {', '.join(KNOWN)})")
-    if name in _SELECTORS:
-        try:
-            ratio = float(arg)
-        except ValueError:
-            ratio = float("nan")
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"compressor {spec!r}: {name} needs a ratio R in (0, 1], "
-                             f"e.g. {name}:0.01, got {arg!r}")
-        return (_TopK if name == "topk" else _RandK)(ratio)
-    if name in ("identity", "fp16", "bf16"):
-        if arg:
-            raise ValueError(f"compressor {spec!r}: {name} takes no options, got {arg!r}")
-        return _Float(name)
+def _known() -> str:
+    return ", ".join(SELECTORS.names() + CODERS.names())
+
+
+@SELECTORS.register("randk")
+@SELECTORS.register("topk")
+def _ratio_selector(spec: str, name: str, arg: str) -> Selector:
+    try:
+        ratio = float(arg)
+    except ValueError:
+        ratio = float("nan")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"compressor {spec!r}: {name} needs a ratio R in (0, 1], "
+                         f"e.g. {name}:0.01, got {arg!r}")
+    return (_TopK if name == "topk" else _RandK)(ratio)
+
+
+@CODERS.register("bf16")
+@CODERS.register("fp16")
+@CODERS.register("identity")
+def _cast_coder(spec: str, name: str, arg: str) -> Coder:
+    if arg:
+        raise ValueError(f"compressor {spec!r}: {name} takes no options, got {arg!r}")
+    return _Float(name)
+
+
+@CODERS.register("sign")
+@CODERS.register("int4")
+@CODERS.register("int8")
+def _block_coder(spec: str, name: str, arg: str) -> Coder:
     block = _DEFAULT_BLOCK[name]
     for opt in filter(None, (o.strip() for o in arg.split(","))):
         key, eq, val = opt.partition("=")
@@ -491,21 +510,36 @@ def _parse_part(spec: str, part: str) -> object:
     return q
 
 
+def _parse_part(spec: str, part: str) -> object:
+    name, _, arg = part.partition(":")
+    name = name.strip().lower()
+    registry = SELECTORS if name in SELECTORS else CODERS if name in CODERS else None
+    if registry is None:
+        raise ValueError(f"compressor {spec!r}: unknown name {name!r} (known: {_known()})")
+    factory = registry.get(name)
+    part_obj = factory(spec, name, arg)
+    want = Selector if registry is SELECTORS else Coder
+    if not isinstance(part_obj, want):
+        raise ValueError(f"compressor {spec!r}: {name} made a {type(part_obj).__name__}, "
+                         f"not a {want.__name__}")
+    return part_obj
+
+
 def build_compressor(spec: str) -> Compressor:
     """Parse 'identity', 'topk:R', 'randk:R', 'int8[:block=N]', 'int4[:block=N]', 'sign[:block=N]',
     'fp16', 'bf16', or 'selector+coder' (e.g. 'topk:0.01+int8'). Raises a one-line ValueError."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"compressor {spec!r}: empty spec (known: {', '.join(KNOWN)})")
+        raise ValueError(f"compressor {spec!r}: empty spec (known: {_known()})")
     parts: List[object] = [_parse_part(spec, p.strip()) for p in spec.strip().split("+")]
-    sel = parts[0] if isinstance(parts[0], _Selector) else None
+    sel = parts[0] if isinstance(parts[0], Selector) else None
     rest = parts[1:] if sel is not None else parts
-    ok = len(rest) <= 1 and not any(isinstance(p, _Selector) for p in rest)
+    ok = len(rest) <= 1 and not any(isinstance(p, Selector) for p in rest)
     if ok and rest and len(parts) > 1 and getattr(rest[0], "name", "") == "identity":
         ok = False
     if not ok:
-        raise ValueError(f"compressor {spec!r}: expected one selector (topk:R, randk:R) optionally "
-                         f"followed by one value coder (int8, int4, sign, fp16, bf16), joined by '+'; "
-                         f"or one of them alone")
+        raise ValueError(f"compressor {spec!r}: expected one selector "
+                         f"({', '.join(SELECTORS.names())}) optionally followed by one value coder "
+                         f"({', '.join(CODERS.names())}), joined by '+'; or one of them alone")
     coder = rest[0] if rest else _Float("identity")
-    assert isinstance(coder, _Coder)
+    assert isinstance(coder, Coder)
     return Compressor(sel, coder)
