@@ -19,7 +19,7 @@ def predict(model: nn.Module, loader: BatchLoader) -> tuple:
     ys, ps = [], []
     try:
         for batch in loader:
-            ps.append(torch.sigmoid(model(batch.to(device))).double().cpu().numpy())
+            ps.append(torch.sigmoid(batch.to(device).logits(model)).double().cpu().numpy())
             ys.append(batch.labels.numpy())
     finally:
         model.train(was_training)

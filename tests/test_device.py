@@ -137,7 +137,7 @@ def test_gpu_step_touches_only_batch_rows(raw, tmp_path):
     from ctrkit.models.embedding import BatchedEmbeddingBags
     weight = next(m.weight for m in model.modules() if isinstance(m, BatchedEmbeddingBags))
     before = weight.detach().clone()
-    torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(batch.logits(model), batch.labels).backward()
     assert weight.grad.is_sparse and weight.grad.is_cuda
     for o in opts:
         o.step()

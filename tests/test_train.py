@@ -57,7 +57,7 @@ def test_per_feature_embedding_dims(make_cfg):
     model = build_model(cfg.model, schema)
     assert model.embedding.groups[4] == ["C3", "C4"]
     batch = next(iter(BatchLoader(schema, "train", 32)))
-    assert model(batch).shape == (32,)
+    assert batch.logits(model).shape == (32,)
 
 
 @pytest.mark.parametrize("sparse_opt", ["adam", "adam train.ema_decay=0.9", "rowwise_adagrad",

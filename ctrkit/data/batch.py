@@ -1,17 +1,22 @@
 """What a training or evaluation step consumes: `Batch(dense, sparse, labels, facts)`.
 
-The loader (ctrkit/data/loader.py) makes batches; models and their table modules read them
-(ctrkit/models/). `facts` holds what the loader found out about the batch's ids once, in its
-prefetch thread, so the step does not find it again: explicit fields, never attributes hidden on
-the KeyedJaggedTensor.
+The loader (ctrkit/data/loader.py) makes batches. Models take tensors only,
+`model(dense, sparse) -> logits [B]` (ctrkit/models/), so `batch.logits(model)` is how a step calls
+one. `facts` holds what the loader found out about the batch's ids once, in its prefetch thread,
+so the step does not find it again: explicit fields, never attributes hidden on the
+KeyedJaggedTensor. They reach the table modules through `batch_facts` (a context variable that
+`batch.logits` sets for the forward), not as a forward argument.
 
     >>> b = Batch(torch.zeros(2, 13), kjt, torch.zeros(2))    # doctest: +SKIP
     >>> b.size, b.facts.one_per_bag                            # (2, None): nothing known yet
+    >>> logits = b.logits(model)                               # doctest: +SKIP
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torchrec import KeyedJaggedTensor
@@ -35,6 +40,27 @@ class BatchFacts:
         return BatchFacts(self.one_per_bag, unique)
 
 
+_FACTS: contextvars.ContextVar[Optional[BatchFacts]] = contextvars.ContextVar("ctrkit_batch_facts",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def batch_facts(facts: BatchFacts) -> Iterator[BatchFacts]:
+    """Inside the block, the table modules of a model's forward read `facts` (`current_facts`)."""
+    token = _FACTS.set(facts)
+    try:
+        yield facts
+    finally:
+        _FACTS.reset(token)
+
+
+def current_facts() -> BatchFacts:
+    """The facts set by the enclosing `batch_facts`; a fresh, empty `BatchFacts` outside one
+    (then modules that read the same batch share nothing found about it)."""
+    facts = _FACTS.get()
+    return facts if facts is not None else BatchFacts()
+
+
 @dataclass
 class Batch:
     dense: torch.Tensor            # [B, Dn] float32
@@ -45,6 +71,11 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.labels.shape[0])
+
+    def logits(self, model: Callable[[torch.Tensor, KeyedJaggedTensor], torch.Tensor]) -> torch.Tensor:
+        """`model(dense, sparse)` with this batch's facts reaching its table modules: [B]."""
+        with batch_facts(self.facts):
+            return model(self.dense, self.sparse)
 
     def to(self, device: torch.device) -> "Batch":
         """The batch on `device`, with the loader's facts, so the step on a GPU skips the same

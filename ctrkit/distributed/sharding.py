@@ -316,7 +316,7 @@ def evaluate_sharded(model: nn.Module, schema, split: str, batch_size: int, grid
     try:
         for _ in range(int(steps)):
             batch = next(it, None)
-            p = torch.sigmoid(model((batch if batch is not None else filler).to(device)))
+            p = torch.sigmoid((batch if batch is not None else filler).to(device).logits(model))
             p = p.double().to(comm)
             if batch is not None:
                 ps.append(p)

@@ -5,8 +5,9 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
+from torchrec import KeyedJaggedTensor
 
-from ctrkit.data.batch import Batch
+from ctrkit.data.batch import current_facts
 from ctrkit.data.schema import Schema
 from ctrkit.errors import ConfigError
 from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
@@ -15,8 +16,9 @@ from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
 class FieldEmbeddings(nn.Module):
     """One embedding table per categorical feature; per-feature dimensions allowed.
 
-    Tables of equal dimension share one `BatchedEmbeddingBags`. `forward` returns {dim: [B, F_d, D]}
-    with the features of each group in schema order (`self.groups[dim]` lists them).
+    Tables of equal dimension share one `BatchedEmbeddingBags`. `forward(sparse)` returns
+    {dim: [B, F_d, D]} with the features of each group in schema order (`self.groups[dim]` lists
+    them); the batch's facts (ctrkit/data/batch.py `batch_facts`) reach the table modules.
     """
 
     def __init__(self, schema: Schema, dim: int, overrides: Optional[Mapping[str, int]] = None,
@@ -36,8 +38,9 @@ class FieldEmbeddings(nn.Module):
         self.bags = nn.ModuleDict({str(d): BatchedEmbeddingBags(t, init_std=init_std)
                                    for d, t in tables.items()})
 
-    def forward(self, batch: Batch) -> Dict[int, torch.Tensor]:
-        return {int(d): bag(batch.sparse, batch.facts) for d, bag in self.bags.items()}
+    def forward(self, sparse: KeyedJaggedTensor) -> Dict[int, torch.Tensor]:
+        facts = current_facts()
+        return {int(d): bag(sparse, facts) for d, bag in self.bags.items()}
 
 
 def dense_width(schema: Schema) -> int:

@@ -1,4 +1,4 @@
-"""Logistic regression, FM and DeepFM. Each `forward(batch)` returns logits [B]."""
+"""Logistic regression, FM and DeepFM. Each `forward(dense [B, Dn], sparse KJT)` returns logits [B]."""
 from __future__ import annotations
 
 from typing import Annotated, Mapping, Optional, Sequence
@@ -6,8 +6,8 @@ from typing import Annotated, Mapping, Optional, Sequence
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
+from torchrec import KeyedJaggedTensor
 
-from ctrkit.data.batch import Batch
 from ctrkit.data.schema import Schema
 from ctrkit.errors import ConfigError
 from ctrkit.models.base import FieldEmbeddings, dense_width
@@ -27,12 +27,12 @@ class _FirstOrder(nn.Module):
         self.dense = nn.Linear(dense_width(schema), 1) if schema.dense else None
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        out = self.bias.expand(batch.size)
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.bias.expand(dense.shape[0])
         if self.weights is not None:
-            out = out + self.weights(batch)[1].sum(dim=(1, 2))
+            out = out + self.weights(sparse)[1].sum(dim=(1, 2))
         if self.dense is not None:
-            out = out + self.dense(batch.dense).squeeze(1)
+            out = out + self.dense(dense).squeeze(1)
         return out
 
 
@@ -44,8 +44,8 @@ class LogisticRegression(nn.Module):
         super().__init__()
         self.linear = _FirstOrder(schema)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.linear(batch)
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.linear(dense, sparse)
 
 
 @register_model("fm")
@@ -62,9 +62,9 @@ class FM(nn.Module):
         self.embedding = FieldEmbeddings(schema, embedding_dim, init_std=init_std)
         self.dim = embedding_dim
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        e = self.embedding(batch)[self.dim]
-        return self.linear(batch) + fm_interaction(e)
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        e = self.embedding(sparse)[self.dim]
+        return self.linear(dense, sparse) + fm_interaction(e)
 
 
 @register_model("deepfm")
@@ -87,11 +87,11 @@ class DeepFM(nn.Module):
         self.mlp = MLP(width, list(hidden_units), 1, dropout=dropout, batch_norm=batch_norm,
                        side_dim=dense_width(schema))
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        groups = self.embedding(batch)
-        b = batch.size
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        groups = self.embedding(sparse)
+        b = dense.shape[0]
         parts = [groups[d].reshape(b, -1) for d in sorted(groups)]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        deep = self.mlp(x, batch.dense if self.mlp.side is not None else None).squeeze(1)
+        deep = self.mlp(x, dense if self.mlp.side is not None else None).squeeze(1)
         fm = fm_interaction(groups[self.dim]) if self.dim in groups else 0.0
-        return self.linear(batch) + fm + deep
+        return self.linear(dense, sparse) + fm + deep

@@ -119,7 +119,7 @@ class Trainer:
     def train_step(self, batch) -> torch.Tensor:
         """One step; returns the loss as a tensor (reading it would wait for the GPU)."""
         batch = batch.to(self.device)
-        logits = self.model(batch)
+        logits = batch.logits(self.model)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         loss.backward()
         self.strategy.after_backward(self.model)
