@@ -3,9 +3,9 @@ package imports sit at the top of modules.
 
 The layers follow the folder layout, bottom to top (a module may import its own layer and those
 below it): errors/version/registry, ownership, config, data, metrics, models, comm, optim,
-distributed, strategies, train, then the front ends (cli, bench, the package's API). Imports
-inside functions count too, so a lazy import cannot hide an upward edge. Registries
-(ctrkit/registry.py) are how a lower layer names what an upper one implements.
+distributed, strategies, train, serving (using a trained run), then the front ends (cli, bench,
+the package's API). Imports inside functions count too, so a lazy import cannot hide an upward
+edge. Registries (ctrkit/registry.py) are how a lower layer names what an upper one implements.
 """
 import ast
 from pathlib import Path
@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ctrkit"
 
 LAYERS = [("errors", "version", "registry"), ("ownership",), ("config",), ("data",), ("metrics",),
           ("models",), ("comm",), ("optim",), ("distributed",), ("strategies",), ("train",),
+          ("serving",),
           ("cli", "config_doc", "bench", "__main__", "")]   # "": the package's own __init__ (the API)
 
 # Known upward edges, each with what removes it; the test fails if one disappears, so the list
