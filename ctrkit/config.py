@@ -13,7 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationErr
                       model_validator)
 
 from ctrkit.errors import ConfigError
-from ctrkit.registry import STRATEGIES
+from ctrkit.registry import FORMATS, STRATEGIES
 
 
 class _Strict(BaseModel):
@@ -49,10 +49,11 @@ class FeatureSpec(_Strict):
 class DataConfig(_Strict):
     """Raw input files and how `prepare` turns them into vocabularies and encoded shards."""
 
-    format: Literal["criteo_tsv", "criteo_csv", "avazu_csv", "csv", "parquet"] = Field(
-        default="criteo_tsv",
+    format: str = Field(
+        default="criteo_tsv", json_schema_extra={"enum": FORMATS.names()},
         description="Raw format: Criteo (label, I1-I13, C1-C26) as TSV or CSV, Avazu CSV, or "
-                    "generic csv/parquet described by `features`.")
+                    "generic csv/parquet described by `features` (a plug-in registers more: "
+                    "ctrkit.registry.FORMATS).")
     train: Optional[str] = Field(default=None, description="Training split: a path or a glob "
                                  "(relative paths resolve against the config file's folder).")
     valid: Optional[str] = Field(default=None, description="Validation split (path or glob); "
@@ -88,9 +89,16 @@ class DataConfig(_Strict):
     read_whole_mb: int = Field(default=1024, ge=0, description="Files up to this size are parsed "
                                "in one parallel read (speed only).")
 
+    @field_validator("format")
+    @classmethod
+    def _registered_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r} (known: {', '.join(FORMATS.names())})")
+        return v
+
     @model_validator(mode="after")
     def _generic_needs_features(self) -> "DataConfig":
-        if self.format in ("csv", "parquet") and not self.features:
+        if FORMATS.get(self.format).needs_features and not self.features:
             raise ValueError(f"data.features is required for format '{self.format}'")
         names = [f.name for f in self.features or []]
         twice = sorted({n for n in names if names.count(n) > 1})

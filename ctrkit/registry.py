@@ -1,4 +1,4 @@
-"""Named registries for what a config selects by name (distribution strategies, for now).
+"""Named registries for what a config selects by name: distribution strategies, raw data formats.
 
 A `Registry` maps names to objects. Built-in entries are declared as `"module:attribute"` strings
 and imported on first use, so the config, the bottom layer, can validate a name
@@ -55,4 +55,13 @@ STRATEGIES = Registry("distributed.algorithm", {
     "dpsgd": "ctrkit.strategies.gossip:Dpsgd",
     "damsgrad": "ctrkit.strategies.gossip:Damsgrad",
     "choco": "ctrkit.strategies.gossip:Choco",
+})
+
+# data.format -> a ctrkit.data.formats.Format (how a raw file's columns become features)
+FORMATS = Registry("data.format", {
+    "criteo_tsv": "ctrkit.data.formats:CRITEO_TSV",
+    "criteo_csv": "ctrkit.data.formats:CRITEO_CSV",
+    "avazu_csv": "ctrkit.data.formats:AVAZU_CSV",
+    "csv": "ctrkit.data.formats:GENERIC_CSV",
+    "parquet": "ctrkit.data.formats:PARQUET",
 })

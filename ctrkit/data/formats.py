@@ -13,10 +13,11 @@ import gzip
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from ctrkit.config import DataConfig, FeatureSpec
-from ctrkit.errors import DataError
+from ctrkit.errors import ConfigError, DataError
+from ctrkit.registry import FORMATS
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_CAT = [f"C{i}" for i in range(1, 27)]
@@ -168,12 +169,13 @@ def resolve_layout(cfg: DataConfig, path: Path, label_optional: bool = False) ->
     """The layout of one raw file under this data config (header sniffed when `header: auto`).
     `label_optional`: a file without the label column is read too (its layout's label is None):
     by its header, or without one by having exactly one column fewer."""
-    if cfg.format == "parquet":
-        layout = _generic(cfg, delimiter="", header=True)
+    fmt = get_format(cfg.format)
+    if fmt.columnar:
+        layout = fmt.layout(cfg, "", True, None, path, "")
         if label_optional and layout.label not in _parquet_columns(path):
             return layout.without_label()
         return layout
-    delim = "\t" if cfg.format == "criteo_tsv" else (cfg.delimiter or ",")
+    delim = fmt.delimiter or cfg.delimiter or ","
     line = first_line(path)
     if not line:
         raise DataError(path, "file is empty")
@@ -200,27 +202,19 @@ def _with_header(cfg: DataConfig, delim: str, names: List[str], path: Path, hint
     without = label_optional and not _has_label(cfg, names)
     if without:
         names = names + [_label_name(cfg)]
-    if cfg.format in ("criteo_tsv", "criteo_csv"):
-        layout = _criteo(cfg, delim, True, names, path, hint)
-    elif cfg.format == "avazu_csv":
-        layout = _avazu(cfg, delim, True, names, path, hint)
-    else:
-        layout = _generic(cfg, delim, True, names)
-        missing = [c for c in layout.sources if c not in names]
-        if missing:
-            raise DataError(path, f"header lacks columns {missing[:5]}{hint}", line=1)
+    layout = get_format(cfg.format).layout(cfg, delim, True, names, path, hint)
     return layout.without_label() if without else layout
 
 
 def _label_name(cfg: DataConfig) -> str:
-    return {"criteo_tsv": "label", "criteo_csv": "label", "avazu_csv": "click"}.get(cfg.format,
-                                                                                   cfg.label)
+    return get_format(cfg.format).label or cfg.label
 
 
 def _has_label(cfg: DataConfig, names: List[str]) -> bool:
     label = _label_name(cfg)
-    lower = cfg.format.startswith("criteo")   # (Criteo headers match in any case)
-    return (label.lower() in [n.lower() for n in names]) if lower else label in names
+    if get_format(cfg.format).header_any_case:
+        return label.lower() in [n.lower() for n in names]
+    return label in names
 
 
 def _parquet_columns(path: Path) -> List[str]:
@@ -232,11 +226,7 @@ def _parquet_columns(path: Path) -> List[str]:
 
 
 def _headerless(cfg: DataConfig, delim: str, path: Path, hint: str) -> Layout:
-    if cfg.format in ("criteo_tsv", "criteo_csv"):
-        return _criteo(cfg, delim, False, None, path, hint)
-    if cfg.format == "avazu_csv":
-        return _avazu(cfg, delim, False, None, path, hint)
-    return _generic(cfg, delim, False)
+    return get_format(cfg.format).layout(cfg, delim, False, None, path, hint)
 
 
 def _criteo(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]], path: Path,
@@ -276,6 +266,16 @@ def _avazu(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]]
                   numeric_sources=[], string_sources=["hour"] + cat_cols, quoting=False)
 
 
+def _generic_file(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]],
+                  path: Path, hint: str) -> Layout:
+    """csv / parquet: the columns `data.features` names."""
+    layout = _generic(cfg, delim, header, names)
+    missing = [c for c in layout.sources if names is not None and c not in names]
+    if missing:
+        raise DataError(path, f"header lacks columns {missing[:5]}{hint}", line=1)
+    return layout
+
+
 def _generic(cfg: DataConfig, delimiter: str, header: bool,
              names: Optional[List[str]] = None) -> Layout:
     feats: List[Feature] = []
@@ -296,3 +296,34 @@ def _feature_from_spec(spec: FeatureSpec, cfg: DataConfig) -> Feature:
     fill = spec.fill if spec.fill is not None else (0.0 if spec.type == "numeric" else None)
     return Feature(name=spec.name, kind=spec.type, source=spec.source or spec.name, transform=transform,
                    fill=fill, min_count=spec.min_count or cfg.min_count)
+
+
+# ------------------------------------------------------------------ the formats by name
+LayoutFn = Callable[[DataConfig, str, bool, Optional[List[str]], Path, str], Layout]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A raw format that `data.format` names: `layout(cfg, delimiter, header, names, path, hint)`
+    makes one file's Layout (`names`: its header's columns, None without a header; `hint`: text
+    to add to a message about a wrong delimiter). Registered in ctrkit.registry.FORMATS."""
+    layout: LayoutFn
+    delimiter: Optional[str] = None   # None: data.delimiter, else ","
+    label: Optional[str] = None       # None: data.label
+    columnar: bool = False            # Parquet: typed columns by name, no text parsing
+    needs_features: bool = False      # data.features lists the columns to use
+    header_any_case: bool = False     # header names match in any case
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS.get(name)
+    except KeyError as e:
+        raise ConfigError(f"data.format: {e.args[0]}") from None
+
+
+CRITEO_TSV = Format(_criteo, delimiter="\t", label="label", header_any_case=True)
+CRITEO_CSV = Format(_criteo, label="label", header_any_case=True)
+AVAZU_CSV = Format(_avazu, label="click")
+GENERIC_CSV = Format(_generic_file, needs_features=True)
+PARQUET = Format(_generic_file, columnar=True, needs_features=True)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ctrkit.data.formats import Layout, compression, delimiter_hint, open_text
+from ctrkit.data.formats import Layout, compression, delimiter_hint, get_format, open_text
 from ctrkit.errors import DataError
 
 HOUR_FORMAT = "%y%m%d%H"
@@ -139,7 +139,7 @@ def iter_batches(path: Path, layout: Layout, block_mb: int, stats: ReadStats,
         raise DataError(path, "file is empty")
     stats.files.append(str(path))
     before = dict(stats.skipped)
-    if layout.format == "parquet":
+    if get_format(layout.format).columnar:
         batches = _iter_parquet(path, layout, stats, skip_bad)
     else:
         batches = _iter_csv(path, layout, block_mb, stats, skip_bad, whole_file_mb)

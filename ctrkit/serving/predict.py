@@ -31,7 +31,7 @@ from ctrkit.data.loader import make_batch
 from ctrkit.data.preprocess import split_files
 from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
 from ctrkit.data.schema import Schema
-from ctrkit.errors import CtrkitError
+from ctrkit.errors import CtrkitError, DataError
 from ctrkit.metrics import auc_logloss
 from ctrkit.train.checkpointing import checkpoint_to_evaluate, load_for_evaluation
 from ctrkit.train.run_dir import SCORING_DATA
@@ -194,7 +194,6 @@ class Predictor:
 
 def _nonempty(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """The reader's batches; a file with no data rows (a header alone) scores to nothing."""
-    from ctrkit.errors import DataError
     try:
         yield from batches
     except DataError as e:
