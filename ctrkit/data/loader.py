@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ from ctrkit.data.batch import Batch, BatchFacts
 from ctrkit.data.ids import distinct_ids
 from ctrkit.data.schema import Schema
 from ctrkit.data.shards import load_shard
+
+T = TypeVar("T")
 
 
 class BatchLoader:
@@ -102,42 +104,46 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         plan = self._order()[self.start_batch:]
         self.start_batch = 0
-        if self.prefetch <= 0:
-            for parts in plan:
-                yield self._make(parts)
-            return
-        q: "queue.Queue[Optional[Batch]]" = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        errors: List[BaseException] = []
+        made = (self._make(parts) for parts in plan)
+        yield from (made if self.prefetch <= 0 else
+                    prefetch(made, self.prefetch, name=f"ctrkit-loader-{self.split}"))
 
-        def work() -> None:
-            try:
-                for parts in plan:
-                    if stop.is_set():
-                        return
-                    q.put(self._make(parts))
-            except BaseException as e:  # surfaced in the consumer
-                errors.append(e)
-            finally:
-                q.put(None)
 
-        t = threading.Thread(target=work, daemon=True, name=f"ctrkit-loader-{self.split}")
-        t.start()
+def prefetch(items: Iterable[T], depth: int, name: str = "ctrkit-prefetch") -> Iterator[T]:
+    """`items`, made `depth` ahead in a thread of their own (numpy, pyarrow and most torch work
+    release the GIL, so making the next ones overlaps using this one). An error raised while
+    making them is raised here, in order; closing the iterator early stops the thread."""
+    q: "queue.Queue[tuple]" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
         try:
-            while True:
-                item = q.get()
-                if item is None:
-                    break
-                yield item
-            if errors:
-                raise errors[0]
-        finally:
-            stop.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(timeout=0.01)
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+        except BaseException as e:  # surfaced in the consumer
+            q.put((False, e))
+            return
+        q.put((False, None))
+
+    t = threading.Thread(target=work, daemon=True, name=name)
+    t.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.01)
 
 
 def make_batch(keys: List[str], sparse: np.ndarray, dense: np.ndarray, labels: np.ndarray,

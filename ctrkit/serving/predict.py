@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ctrkit.config import Config, load_config
 from ctrkit.data.encode import RowEncoder
 from ctrkit.data.formats import Layout, resolve_layout, table_layout
-from ctrkit.data.loader import make_batch
+from ctrkit.data.loader import make_batch, prefetch
 from ctrkit.data.preprocess import split_files
 from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
 from ctrkit.data.schema import Schema
@@ -38,6 +38,7 @@ from ctrkit.train.run_dir import SCORING_DATA
 from ctrkit.train.setup import build_training_model
 
 PROBABILITY = "probability"   # the output column
+PREFETCH = 2                  # batches read and encoded ahead of the one being scored
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 Rows = Union["pa.Table", "pa.RecordBatch", list, "object"]   # a pandas DataFrame is the object
 
@@ -111,13 +112,18 @@ class Predictor:
         batch = make_batch(self.keys, sparse, dense, np.zeros(len(sparse), np.float32), self._ones)
         return torch.sigmoid(batch.logits(self.model)).double().numpy()
 
-    def _scored(self, batches: Iterator[pa.RecordBatch], layout: Layout):
-        """(record batch, probabilities, labels or None) per batch of rows."""
+    def _encoded(self, batches: Iterator[pa.RecordBatch], layout: Layout):
         for rb in batches:
             for start in range(0, rb.num_rows, self.batch_rows):
                 part = rb.slice(start, self.batch_rows)
-                sparse, dense, labels = self.encoder.encode(part, layout)
-                yield part, self._score(sparse, dense), labels
+                yield (part,) + self.encoder.encode(part, layout)
+
+    def _scored(self, batches: Iterator[pa.RecordBatch], layout: Layout):
+        """(record batch, probabilities, labels or None) per batch of rows; the next batches
+        are read and encoded in a thread while this one is scored."""
+        for part, sparse, dense, labels in prefetch(self._encoded(batches, layout), PREFETCH,
+                                                    name="ctrkit-predict-encode"):
+            yield part, self._score(sparse, dense), labels
 
     def predict(self, rows: Rows, skip_bad_rows: bool = False) -> np.ndarray:
         """One probability per row of a DataFrame, pyarrow Table or list of dicts."""
