@@ -15,7 +15,8 @@ host's CPU speed drifts several-fold within minutes, so the targets are ratios w
   included; bench/throughput.py's full step) in samples/s.
 Targets: predict/read >= 0.3, predict/train >= 3. Then the exported program (ctrkit export:
 model.pt2, run with torch alone) at batch 1, 32 and 512: p50 and p99 latency of a call.
-One result file per thread count, DIR/predict_t<threads>.json; a finished one is skipped.
+One result file per measurement and thread count, DIR/predict_t<threads>.json and
+DIR/latency_t<threads>.json; a finished one is skipped.
 """
 from __future__ import annotations
 
@@ -109,16 +110,23 @@ def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: i
               "targets": {"predict_over_read": 0.3, "predict_over_train": 3.0},
               "host": platform.node(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        from ctrkit.serving.export import export_model
-        folder = out / "export"
-        if not (folder / "model.pt2").is_file():
-            export_model(predictor.model, predictor.schema, folder)
-        program = torch.export.load(str(folder / "model.pt2")).module()
-        result["exported_latency"] = latency(program, predictor.schema)
-    except Exception as e:   # (recorded: the speed of predict stands on its own)
-        result["exported_latency_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
     return result
+
+
+def measure_latency(run: Path, work: Path, threads: int) -> dict:
+    """The exported program (exported once into WORK/export) at each batch size."""
+    from ctrkit.serving.export import export_model
+    from ctrkit.serving.predict import Predictor
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(run)
+    folder = work / "export"
+    if not (folder / "model.pt2").is_file():
+        export_model(predictor.model, predictor.schema, folder)
+    program = torch.export.load(str(folder / "model.pt2")).module()
+    return {"threads": threads, "run": str(run), "checkpoint": str(predictor.checkpoint),
+            "program": str(folder / "model.pt2"), "latency": latency(program, predictor.schema),
+            "host": platform.node(), "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def build_parser() -> bench_args.Parser:
@@ -155,16 +163,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ctrkit.train(cfg.model_copy(update={"train": tc}))
         input_path = args.input or split_files(cfg.data.valid)[0]
         done = {}
-        for t in args.threads:
-            path = args.out / f"predict_t{t}.json"
-            if path.is_file():
-                print(f"predict: {path} done earlier, skipped", file=sys.stderr)
-                continue
-            done[str(t)] = measure(cfg, run, input_path, args.work, t, args.rounds)
-            write_json(path, done[str(t)])
-            print(f"predict: threads {t}: {done[str(t)]['median_rows_per_s']}, predict/read "
-                  f"{done[str(t)]['predict_over_read']}, predict/train "
-                  f"{done[str(t)]['predict_over_train']}", file=sys.stderr)
+        jobs = [("predict", lambda t: measure(cfg, run, input_path, args.work, t, args.rounds)),
+                ("latency", lambda t: measure_latency(run, args.work, t))]
+        for kind, job in jobs:
+            for t in args.threads:
+                path = args.out / f"{kind}_t{t}.json"
+                if path.is_file():
+                    print(f"predict: {path} done earlier, skipped", file=sys.stderr)
+                    continue
+                done[f"{kind}_t{t}"] = result = job(t)
+                write_json(path, result)
+                print(f"predict: {kind} at {t} threads: " + ", ".join(
+                    f"{k} {result[k]}" for k in ("median_rows_per_s", "predict_over_read",
+                                                  "predict_over_train", "latency") if k in result),
+                      file=sys.stderr)
         return done
     return bench_args.run("bench/predict.py", body)
 
