@@ -66,5 +66,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert all(0.6 < float(a) <= 1.0 for a in aucs.values()), metrics
 
     assert "AUC" in _text(_tagged(nb, "evaluate"))
+    predicted = _text(_tagged(nb, "predict"))
+    assert re.search(r"scored 4000 rows; test AUC 0\.\d+", predicted), predicted
+    assert re.search(r"\[(\s*0\.\d+){5}\s*\]", predicted), predicted
     plot = _tagged(nb, "plot")
     assert any("image/png" in o.get("data", {}) for o in plot.outputs), "the plot cell showed no figure"
