@@ -1,0 +1,191 @@
+"""A trained model as a program that runs with torch alone: `export_model(model, schema, out_dir)`.
+
+The folder it writes (a "model export", ctrkit/ownership.py: a folder holding anything ctrkit did
+not write is refused; every file appears atomically, preprocess.json last):
+
+- `model.pt2`: `torch.export` of `ServingModule`, `forward(dense [B, Dn] float32, ids [B, F] int64)
+  -> click probabilities [B] float32`, with a dynamic batch dimension; load it with
+  `torch.export.load(path).module()`, no ctrkit or torchrec import needed.
+- `model.ts`: the same wrapper through `torch.jit.trace`, written only when the traced program
+  gives the exported one's results at other batch sizes too; otherwise preprocess.json says why.
+- `preprocess.json` (ctrkit/serving/preprocess_spec.py) and `vocab/<feature>.arrow`: how raw rows
+  become `dense` and `ids`.
+
+`ServingModule` builds the one-id-per-bag KeyedJaggedTensor from `ids` and calls the model under
+`batch_facts(BatchFacts(one_per_bag=True))`, so the table modules take their static path (a plain
+gather; finding out whether each bag holds one id would read the data, which torch.export cannot
+trace). Tables that fbgemm fuses (`optimizer.sparse.fused`) are exported as plain
+`BatchedEmbeddingBags` with the same weights, so the program needs no fbgemm.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from ctrkit.data.batch import BatchFacts, batch_facts
+from ctrkit.data.schema import Schema
+from ctrkit.errors import CtrkitError
+from ctrkit.models.embedding import BatchedEmbeddingBags, TableModule
+from ctrkit.ownership import OwnedFolder, atomic_path, check_disjoint, check_folder, write_error
+from ctrkit.serving.preprocess_spec import preprocess_spec
+
+KIND = "model export"
+PROGRAM, TORCHSCRIPT, SPEC = "model.pt2", "model.ts", "preprocess.json"
+TOLERANCE = 1e-6
+RULE = ("a model's forward(dense, sparse) must take tensors only and have no Python control flow "
+        "that depends on their values (docs/extending.md)")
+
+
+class ServingModule(nn.Module):
+    """`forward(dense [B, Dn] float32, ids [B, F] int64) -> probabilities [B]`: one id per
+    categorical feature, in the schema's order (`keys`)."""
+
+    def __init__(self, model: nn.Module, keys: List[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        kjt = KeyedJaggedTensor(keys=self.keys, values=ids.t().reshape(-1),
+                                lengths=torch.ones(ids.numel(), dtype=torch.int32,
+                                                   device=ids.device),
+                                stride=ids.shape[0])
+        with batch_facts(BatchFacts(one_per_bag=True)):
+            return torch.sigmoid(self.model(dense, kjt))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _examples(schema: Schema, device: torch.device, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of batch size b: random dense values and random valid ids (seeded by b)."""
+    g = torch.Generator().manual_seed(b)
+    dense = torch.randn(b, len(schema.dense), generator=g)
+    sizes = torch.tensor([max(f.vocab_size, 1) for f in schema.sparse], dtype=torch.int64)
+    ids = (torch.rand(b, len(sizes), generator=g) * sizes).to(torch.int64)
+    return dense.to(device), ids.to(device)
+
+
+@contextlib.contextmanager
+def _plain_tables(model: nn.Module) -> Iterator[None]:
+    """In the block, every table module other than `BatchedEmbeddingBags` (fbgemm's fused ones)
+    is swapped for a `BatchedEmbeddingBags` with the same weights; restored afterwards."""
+    swapped = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, TableModule) and not isinstance(m, BatchedEmbeddingBags) \
+                and hasattr(m, "table_weight"):
+            plain = BatchedEmbeddingBags(m.tables)
+            with torch.no_grad():
+                for i in range(len(m.tables)):
+                    plain.table_weight(i).copy_(m.table_weight(i))
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent._modules[child] = plain
+            swapped.append((parent, child, m))
+    try:
+        yield
+    finally:
+        for parent, child, m in swapped:
+            parent._modules[child] = m
+
+
+def _export(wrapper: ServingModule, schema: Schema, device: torch.device):
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, _examples(schema, device, 2),
+                                       dynamic_shapes=({0: batch}, {0: batch}))
+    except Exception as e:   # (torch raises many kinds: UserError, data-dependent guards, ...)
+        raise CtrkitError(f"model {type(wrapper.model).__name__} cannot be exported with "
+                          f"torch.export ({_first_line(e)}); {RULE}") from None
+
+
+def _check(program, wrapper: ServingModule, schema: Schema, device: torch.device,
+           what: str) -> None:
+    """`program` computes what the model computes (to 1e-6) at batch sizes 1 and 7."""
+    for b in (1, 7):
+        dense, ids = _examples(schema, device, b)
+        with torch.no_grad():
+            want, got = wrapper(dense, ids), program(dense, ids)
+        if got.shape != want.shape or float((got - want).abs().max()) > TOLERANCE:
+            raise CtrkitError(f"the {what} program of {type(wrapper.model).__name__} does not "
+                              f"give the model's probabilities at batch size {b}; {RULE}")
+
+
+def _torchscript(wrapper: ServingModule, schema: Schema,
+                 device: torch.device) -> Tuple[Optional[bytes], Optional[str]]:
+    """(the saved TorchScript program, None) or (None, why there is none)."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # (the tracer's and TorchScript's deprecation notes)
+            traced = torch.jit.trace(wrapper, _examples(schema, device, 4), check_trace=False)
+            buf = io.BytesIO()
+            torch.jit.save(traced, buf)
+            loaded = torch.jit.load(io.BytesIO(buf.getvalue()))
+            _check(loaded, wrapper, schema, device, "TorchScript")
+    except Exception as e:
+        return None, f"torch.jit.trace: {_first_line(e)}"
+    return buf.getvalue(), None
+
+
+def _prepare_folder(out_dir: Path, schema: Schema) -> OwnedFolder:
+    check_folder(out_dir, "export out")
+    check_disjoint(out_dir, "export out", [Path(schema.root)])
+    folder = OwnedFolder(out_dir, KIND)
+    folder.check_replaceable("export")
+    return folder
+
+
+def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
+    """Write `model` (trained on `schema`, on the CPU) into `out_dir` as described above; returns
+    what was written. A model torch.export cannot trace is a one-line CtrkitError."""
+    out_dir = Path(out_dir)
+    folder = _prepare_folder(out_dir, schema)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    try:
+        with _plain_tables(model):
+            wrapper = ServingModule(model, [f.name for f in schema.sparse])
+            program = _export(wrapper, schema, device)
+            _check(program.module(), wrapper, schema, device, "exported")
+            script, why_not = _torchscript(wrapper, schema, device)
+    finally:
+        model.train(was_training)
+    saved = io.BytesIO()
+    torch.export.save(program, saved)
+    files = [PROGRAM, SPEC] + ([TORCHSCRIPT] if script is not None else [])
+    vocab = [f"vocab/{f.name}.arrow" for f in schema.sparse]
+    spec = preprocess_spec(schema, {"torch_export": PROGRAM,
+                                    "torchscript": TORCHSCRIPT if script is not None else None,
+                                    "torchscript_skipped": why_not})
+    with folder.lock():
+        folder.check_replaceable("export")
+        folder.clear()
+        folder.reset(files=files + vocab, dirs=["vocab"] if vocab else [])
+        try:
+            with atomic_path(out_dir / PROGRAM) as tmp:
+                tmp.write_bytes(saved.getvalue())
+            if script is not None:
+                with atomic_path(out_dir / TORCHSCRIPT) as tmp:
+                    tmp.write_bytes(script)
+            for rel in vocab:
+                with atomic_path(out_dir / rel) as tmp:
+                    shutil.copyfile(Path(schema.root) / rel, tmp)
+            with atomic_path(out_dir / SPEC) as tmp:   # last: a folder with it is complete
+                tmp.write_text(json.dumps(spec, indent=1))
+        except OSError as e:
+            raise write_error(out_dir, e) from None
+    return {"out": str(out_dir), "model": type(model).__name__, "files": sorted(files + vocab),
+            "torchscript": script is not None, "torchscript_skipped": why_not,
+            "inputs": {"dense": len(schema.dense), "sparse": len(schema.sparse)}}

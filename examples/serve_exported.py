@@ -1,0 +1,61 @@
+"""Score a raw CSV/TSV file with a model exported by `ctrkit export`, with torch and pyarrow only:
+    python examples/serve_exported.py EXPORT_DIR RAW_FILE [OUT_FILE]   # one probability a line
+Raw values are encoded as EXPORT_DIR/preprocess.json says (docs/serving.md)."""
+import json, sys                                                           # noqa: E401
+from pathlib import Path
+
+import numpy as np, pyarrow as pa, torch                                  # noqa: E401
+import pyarrow.compute as pc, pyarrow.csv as csv, pyarrow.feather as feather  # noqa: E401
+
+
+def read(raw: dict, path: str, sources: list) -> pa.Table:
+    head = open(path).readline().split(raw["delimiter"])[0].strip().strip('"')
+    sniffed = head.lower() in ("label", "id", "click") or not head.lstrip("-").replace(".", "").isdigit()
+    header = sniffed if raw["header"] == "auto" else raw["header"]
+    types = {c: pa.float64() if c in raw["numeric_columns"] else pa.string() for c in sources}
+    quote = '"' if raw["quoting"] else False
+    return csv.read_csv(path, csv.ReadOptions(column_names=None if header else raw["columns"]),
+                        csv.ParseOptions(delimiter=raw["delimiter"], quote_char=quote),
+                        csv.ConvertOptions(column_types=types, include_columns=sources,
+                                           null_values=raw["missing_values"], strings_can_be_null=True,
+                                           quoted_strings_can_be_null=True))
+
+
+def text(col: pa.Array, f: dict) -> pa.Array:
+    """What a value is looked up by in the feature's vocabulary (null: missing)."""
+    if f["encoding"] == "criteo_bucket":
+        x = col.to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            b = np.where(x > 2, np.floor(np.log(np.where(x > 2, x, 1.0)) ** 2), np.floor(x))
+        b = np.clip(np.nan_to_num(b), -2.0 ** 62, 2.0 ** 62).astype(np.int64)
+        return pa.array(b, mask=np.isnan(x))
+    if f["encoding"] == "avazu_hour":
+        return pc.utf8_slice_codeunits(col, 6, 8)
+    if f["encoding"] in ("avazu_weekday", "avazu_weekend"):
+        dow = pc.day_of_week(pc.strptime(col, format="%y%m%d%H", unit="s", error_is_null=True))
+        return dow if f["encoding"] == "avazu_weekday" else pc.greater_equal(dow, 5)
+    return col if f["fill"] is None else pc.fill_null(col, str(f["fill"]))
+
+
+def main(export: Path, path: str, out=None) -> None:
+    spec = json.loads((export / "preprocess.json").read_text())
+    t = read(spec["raw"], path, sorted({f["source"] for f in spec["dense"] + spec["sparse"]}))
+    dense = np.zeros((t.num_rows, len(spec["dense"])), np.float32)
+    ids = np.zeros((t.num_rows, len(spec["sparse"])), np.int64)
+    for j, f in enumerate(spec["dense"]):
+        x = t[f["source"]].to_numpy().astype(np.float32)
+        x[np.isnan(x)] = f["fill"]
+        dense[:, j] = np.copysign(np.log1p(np.abs(x)), x) if f["transform"] == "log" else x
+    for j, f in enumerate(spec["sparse"]):
+        k = text(t[f["source"]].combine_chunks(), f).cast(pa.string())
+        vocab = feather.read_table(str(export / f["vocabulary"]), columns=["value"]).column("value")
+        known = pc.fill_null(pc.add(pc.index_in(k, value_set=vocab), 2), spec["ids"]["oov"])
+        ids[:, j] = pc.if_else(pc.is_null(k), spec["ids"]["missing"], known).to_numpy()
+    model = torch.export.load(str(export / spec["program"]["torch_export"])).module()
+    with torch.no_grad():
+        p = model(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
+    np.savetxt(out or sys.stdout, p, fmt="%.9g")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), *sys.argv[2:4])
