@@ -212,3 +212,56 @@ def test_example_script_on_the_real_slices(name, tmp_path):
     if name == "avazu":   # all seven weekdays and both weekend values are in the vocabularies
         assert [f.vocab_size for f in schema.features[:3]] == [24 + 2, 7 + 2, 2 + 2]
     _example_matches_prepare(schema, _model("deepfm", schema), valid, tmp_path)
+
+
+def _generic_csv(path: Path, rows: int, seed: int) -> Path:
+    """A csv with a header: a label, a city (some missing), a raw price (some missing), an age
+    whose missing values are filled, and the price once more as buckets."""
+    g = np.random.default_rng(seed)
+    lines = ["clicked,city,price,age"]
+    for _ in range(rows):
+        city = "" if g.random() < 0.1 else f"c{g.integers(0, 6)}"
+        price = "" if g.random() < 0.1 else f"{g.normal(0, 30):.3f}"
+        age = "NA" if g.random() < 0.1 else str(int(g.integers(18, 80)))
+        lines.append(f"{int(g.random() < 0.3)},{city},{price},{age}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_example_script_on_a_generic_csv_with_fills(tmp_path):
+    train = _generic_csv(tmp_path / "train.csv", 400, 1)
+    valid = _generic_csv(tmp_path / "valid.csv", 50, 2)
+    features = ("[{name: city, type: categorical, fill: nowhere},"
+                " {name: price, type: numeric, transform: none, fill: -1.5},"
+                " {name: age, type: numeric, transform: log, fill: 30},"
+                " {name: price_bucket, type: numeric, source: price, transform: criteo_bucket}]")
+    cfg = load_config(None, ["data.format=csv", "data.label=clicked", f"data.features={features}",
+                             f"data.train={train}", f"data.valid={valid}",
+                             f"data.prepared_dir={tmp_path / 'prep'}"])
+    schema = prepare(cfg, progress=False)
+    spec_of = {f.name: f for f in schema.features}
+    assert spec_of["price_bucket"].kind == "sparse" and spec_of["age"].kind == "dense"
+    _example_matches_prepare(schema, _model("fm", schema), valid, tmp_path)
+    spec = json.loads((tmp_path / "served" / "preprocess.json").read_text())
+    assert [(d["name"], d["fill"], d["transform"]) for d in spec["dense"]] == \
+        [("price", -1.5, "none"), ("age", 30.0, "log")]
+    assert [(s["name"], s["encoding"], s["fill"], s["read_as"]) for s in spec["sparse"]] == \
+        [("city", "value", "nowhere", "string"), ("price_bucket", "criteo_bucket", None, "float64")]
+
+
+def test_ctrkit_export_writes_a_trained_runs_program(synthetic, tmp_path):
+    from ctrkit.cli import main
+    from ctrkit.serving.predict import Predictor
+    from ctrkit.train.run import train
+    schema, raw = synthetic
+    cfg = load_config(None, [f"data.train={raw.parent / 'train.tsv'}", f"data.valid={raw}",
+                             f"data.prepared_dir={schema.root}", f"train.run_dir={tmp_path / 'run'}",
+                             "model.hidden_units=[16]", "model.embedding_dim=8",
+                             "train.max_steps=5", "train.batch_size=64", "train.progress=false",
+                             "train.tensorboard=false", "train.plot=false", "train.threads=1"])
+    run_dir = train(cfg).run_dir
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "served"), "--quiet"]) == 0
+    _, want = predict(Predictor.load(run_dir).model, BatchLoader(schema, "valid", 100, prefetch=0))
+    code = BLOCK + "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    _isolated(code, tmp_path, str(EXAMPLE), str(tmp_path / "served"), str(raw), str(tmp_path / "p.txt"))
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "p.txt"), want, rtol=0, atol=1e-6)
