@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip-bad-rows", action="store_true",
                     help="skip and count bad rows instead of stopping at the first")
     sp.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's best)")
-    sp.add_argument("--batch-rows", type=int, default=65536, help="rows scored per batch")
+    sp.add_argument("--batch-rows", type=int, default=65536, help="rows encoded and written per batch (the model scores 4096 at a time)")
     sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sp = sub.add_parser("export", help="a trained run's model as a torch.export program")
     sp.add_argument("run", help="run folder (or a checkpoint inside one)")
