@@ -69,5 +69,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     predicted = _text(_tagged(nb, "predict"))
     assert re.search(r"scored 4000 rows; test AUC 0\.\d+", predicted), predicted
     assert re.search(r"\[(\s*0\.\d+){5}\s*\]", predicted), predicted
+    exported = _text(_tagged(nb, "export"))
+    m = re.search(r"max difference to predict (\S+)", exported)
+    assert m and float(m.group(1)) < 1e-6, exported
     plot = _tagged(nb, "plot")
     assert any("image/png" in o.get("data", {}) for o in plot.outputs), "the plot cell showed no figure"
