@@ -139,8 +139,8 @@ def _torchscript(wrapper: ServingModule, schema: Schema,
 
 
 def _prepare_folder(out_dir: Path, schema: Schema) -> OwnedFolder:
-    check_folder(out_dir, "export out")
-    check_disjoint(out_dir, "export out", [Path(schema.root)])
+    check_folder(out_dir, "export --out")
+    check_disjoint(out_dir, "export --out", [Path(schema.root)])
     folder = OwnedFolder(out_dir, KIND)
     folder.check_replaceable("export")
     return folder
@@ -151,6 +151,8 @@ def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
     what was written. A model torch.export cannot trace is a one-line CtrkitError."""
     out_dir = Path(out_dir)
     folder = _prepare_folder(out_dir, schema)
+    program_files = {"torch_export": PROGRAM, "torchscript": None, "torchscript_skipped": None}
+    spec = preprocess_spec(schema, program_files)   # (before the slow part: the schema is usable)
     device = next(iter(model.parameters()), torch.empty(0)).device
     was_training = model.training
     model.eval()
@@ -166,9 +168,8 @@ def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
     torch.export.save(program, saved)
     files = [PROGRAM, SPEC] + ([TORCHSCRIPT] if script is not None else [])
     vocab = [f"vocab/{f.name}.arrow" for f in schema.sparse]
-    spec = preprocess_spec(schema, {"torch_export": PROGRAM,
-                                    "torchscript": TORCHSCRIPT if script is not None else None,
-                                    "torchscript_skipped": why_not})
+    spec["program"].update(torchscript=TORCHSCRIPT if script is not None else None,
+                           torchscript_skipped=why_not)
     with folder.lock():
         folder.check_replaceable("export")
         folder.clear()
