@@ -1,7 +1,7 @@
 """Raw record batches -> model inputs with a prepared folder's vocabularies, batch by batch.
 
 `RowEncoder(schema).encode(batch, layout)` gives the ids and dense values `prepare` writes for the
-same rows: the same column transforms (ctrkit/data/preprocess.py), a value of the training
+same rows: the same column transforms (ctrkit/data/transforms.py), a value of the training
 vocabulary gets its id (2..), any other value the out-of-vocabulary id 0, a missing one id 1.
 Each vocabulary is loaded once into a hash index; a batch looks up only its distinct values.
 """
@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.feather as feather
 
 from ctrkit.data.formats import Feature, Layout
-from ctrkit.data.preprocess import _dense_column, _sparse_column
+from ctrkit.data.transforms import dense_column, sparse_column
 from ctrkit.data.schema import MISSING_ID, OOV_ID, Schema
 from ctrkit.errors import CtrkitError
 
@@ -68,11 +68,11 @@ class RowEncoder:
         n = batch.num_rows
         sparse = np.empty((n, len(layout.sparse)), np.int32)
         for j, f in enumerate(layout.sparse):
-            col = _sparse_column(batch, f)
+            col = sparse_column(batch, f)
             if isinstance(col, pa.ChunkedArray):
                 col = col.combine_chunks()
             sparse[:, j] = self._ids(col, f)
-        dense_cols: List[np.ndarray] = [_dense_column([batch.column(f.source)], f, n)
+        dense_cols: List[np.ndarray] = [dense_column([batch.column(f.source)], f, n)
                                         for f in layout.dense]
         dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
         labels = None

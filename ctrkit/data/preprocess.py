@@ -26,11 +26,12 @@ import pyarrow.feather as feather
 from tqdm import tqdm
 
 from ctrkit.config import Config, DataConfig
-from ctrkit.data.formats import Feature, Layout, resolve_layout
+from ctrkit.data.formats import Layout, resolve_layout
 from ctrkit.data.reader import ReadStats, iter_batches
 from ctrkit.data.fingerprint import first_difference, fingerprint
 from ctrkit.data.schema import MISSING_ID, OOV_ID, SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
 from ctrkit.data.shards import write_shards
+from ctrkit.data.transforms import dense_column, sparse_column
 from ctrkit.errors import ConfigError, CtrkitError
 from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder, is_disk_error, write_error
 
@@ -46,62 +47,6 @@ def split_files(pattern: str) -> List[Path]:
         if not Path(m).is_file():
             raise ConfigError(f"{m}: file not found")
     return [Path(m) for m in matches]
-
-
-# ---------------------------------------------------------------- feature columns
-
-def _derived(col: pa.Array, kind: str) -> pa.Array:
-    """Avazu's `hour` (YYMMDDHH) -> hour of day, weekday, weekend flag."""
-    if kind == "avazu_hour":
-        return pc.utf8_slice_codeunits(col, 6, 8)
-    ts = pc.strptime(col, format="%y%m%d%H", unit="s", error_is_null=True)
-    dow = pc.day_of_week(ts)
-    if kind == "avazu_weekday":
-        return dow
-    return pc.greater_equal(dow, 5)
-
-
-def _criteo_bucket(col: pa.Array) -> pa.Array:
-    """floor(ln(x)^2) for x > 2, x itself otherwise (the Criteo winners' numeric bucketing)."""
-    x = col.to_numpy(zero_copy_only=False)
-    mask = np.isnan(x)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        b = np.where(x > 2, np.floor(np.log(np.where(x > 2, x, 1.0)) ** 2), np.floor(x))
-    # (the reader refuses infinities; a huge negative value must not overflow int64 either)
-    b = np.clip(np.where(mask, 0, b), -2.0 ** 62, 2.0 ** 62).astype(np.int64)
-    return pa.array(b, mask=mask)
-
-
-def _sparse_column(batch: pa.RecordBatch, f: Feature) -> pa.Array:
-    col = batch.column(f.source)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if f.derive:
-        return _derived(col, f.derive)
-    if f.transform == "criteo_bucket":
-        return _criteo_bucket(col)
-    if f.fill is not None:
-        col = pc.fill_null(col, pa.scalar(str(f.fill)))
-    return col
-
-
-def _dense_column(chunks: List[pa.Array], f: Feature, rows: int) -> np.ndarray:
-    """One numeric feature, filled and transformed, as a contiguous float32 column."""
-    fill = float(f.fill or 0.0)
-    if not chunks:
-        return np.full(rows, fill, np.float32)
-    # Nulls arrive as NaN, like a NaN written in the file: both get the fill value.
-    x64 = pa.chunked_array(chunks).to_numpy()
-    with np.errstate(over="ignore"):
-        x = x64.astype(np.float32)
-    x[np.isnan(x)] = fill
-    if f.transform == "log":
-        y = np.log1p(np.abs(x))
-        np.copysign(y, x, out=x)
-    big = np.isinf(x)   # finite in the file, beyond float32 (the reader refuses those without log)
-    if big.any():
-        x[big] = np.copysign(np.log1p(np.abs(x64[big])), x64[big])
-    return x
 
 
 @dataclass
@@ -124,7 +69,7 @@ def _read_split(files: List[Path], cfg: DataConfig, stats: ReadStats, progress: 
         for batch in iter_batches(path, layout, cfg.read_block_mb, stats, cfg.skip_bad_rows,
                                   cfg.read_whole_mb):
             for f in layout.sparse:
-                col = _sparse_column(batch, f)   # plain categoricals arrive encoded by the parser
+                col = sparse_column(batch, f)   # plain categoricals arrive encoded by the parser
                 d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
                 enc.chunks.setdefault(f.name, []).append(d)
             for f in layout.dense:
@@ -320,7 +265,7 @@ def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progres
                                         vocabs.get(f.name) if split != "train" else None,
                                         f.min_count)
                     for f in layout.sparse}
-            dense_jobs = [pool.submit(_dense_column, enc.dense.pop(f.name, []), f, enc.rows)
+            dense_jobs = [pool.submit(dense_column, enc.dense.pop(f.name, []), f, enc.rows)
                           for f in layout.dense]
             for name, job in jobs.items():
                 ids, fitted = job.result()

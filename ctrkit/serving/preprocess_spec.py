@@ -4,7 +4,7 @@ The spec is built from the prepared folder's `schema.json` (the features in mode
 vocabulary sizes) and from the data config it records (`schema.source`, ctrkit/data/
 fingerprint.py), read back through ctrkit/data/formats.py, so the sources, fill values and
 transforms are the ones `prepare` used. The encodings it names are those of
-ctrkit/data/preprocess.py (`_dense_column`, `_sparse_column`, `_criteo_bucket`, `_derived`);
+ctrkit/data/transforms.py (`dense_column`, `sparse_column`, `criteo_bucket`, `derived`);
 docs/serving.md describes every field.
 """
 from __future__ import annotations
