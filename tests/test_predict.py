@@ -163,3 +163,33 @@ def test_a_run_from_an_incompatible_version_is_one_line(criteo_run, tmp_path, ca
     (old / "config.yaml").write_text((old / "config.yaml").read_text() + "\nnew_section: {a: 1}\n")
     with pytest.raises(Exception, match="does not load with this ctrkit version"):
         Predictor.load(old)
+
+
+def test_the_python_api_checks_values_as_files_are_checked(criteo_run):
+    cfg, run_dir, _ = criteo_run
+    p = Predictor.load(run_dir)
+    cols = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    df = pd.read_csv(LAPIS_CRITEO / "dev.csv", sep="\t", header=None, names=cols, nrows=50,
+                     dtype=str, keep_default_na=False)        # empty fields as "", not NaN
+    ref = _reference(cfg, p, "valid")[1][:50]
+    np.testing.assert_allclose(p.predict(df), ref, atol=1e-6)
+    bad = df.copy()
+    bad.loc[1, "I2"] = "x"
+    bad.loc[2, "I3"] = " 5 "                                   # spaces around a number are fine
+    with pytest.raises(Exception, match=r"rows:2 field I2: not a number: 'x'"):
+        p.predict(bad)
+    got = p.predict(bad, skip_bad_rows=True)            # row 2 skipped; row 3's " 5 " is 5
+    assert len(got) == 49
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
+    np.testing.assert_allclose(got[2:], ref[3:], atol=1e-6)
+    assert p.predict(pd.DataFrame()).shape == (0,)
+
+
+def test_a_passthrough_column_that_is_not_there_is_one_line(criteo_run, tmp_path, capsys):
+    _, run_dir, _ = criteo_run
+    out = tmp_path / "o.parquet"
+    assert main(["predict", str(run_dir), "--input", str(LAPIS_CRITEO / "dev.csv"), "--output",
+                 str(out), "--columns", "nosuch", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--columns nosuch: not a column of" in err
+    assert not out.exists()

@@ -172,7 +172,7 @@ def resolve_layout(cfg: DataConfig, path: Path, label_optional: bool = False) ->
     fmt = get_format(cfg.format)
     if fmt.columnar:
         layout = fmt.layout(cfg, "", True, None, path, "")
-        if label_optional and layout.label not in _parquet_columns(path):
+        if label_optional and layout.label not in parquet_columns(path):
             return layout.without_label()
         return layout
     delim = fmt.delimiter or cfg.delimiter or ","
@@ -194,7 +194,10 @@ def resolve_layout(cfg: DataConfig, path: Path, label_optional: bool = False) ->
 def table_layout(cfg: DataConfig, names: List[str], name: str) -> Layout:
     """The layout of an in-memory table with these columns (the label column optional); `name`
     stands for the file in messages."""
-    return _with_header(cfg, "", names, Path(name), "", label_optional=True)
+    try:
+        return _with_header(cfg, "", names, Path(name), "", label_optional=True)
+    except DataError as e:   # (no "line 1" for a table: its column names are not a line)
+        raise DataError(name, str(e).split(": ", 1)[1]) from None
 
 
 def _with_header(cfg: DataConfig, delim: str, names: List[str], path: Path, hint: str,
@@ -217,7 +220,7 @@ def _has_label(cfg: DataConfig, names: List[str]) -> bool:
     return label in names
 
 
-def _parquet_columns(path: Path) -> List[str]:
+def parquet_columns(path: Path) -> List[str]:
     import pyarrow.parquet as pq
     try:
         return pq.read_schema(str(path)).names

@@ -250,9 +250,19 @@ def typed_batches(batches: Iterator[pa.RecordBatch], path: Path, layout: Layout,
     row is counted as skipped."""
     row0 = 0
     for batch in batches:
-        cols = {}
+        cols, texts, checks = {}, {}, []
         for name in batch.schema.names:
             col = batch.column(name)
+            numeric = name == layout.label or name in layout.numeric_sources
+            if numeric and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                # numbers as text (a DataFrame of strings): checked as the CSV reader checks them
+                text = pc.utf8_trim_whitespace(col)
+                texts[name] = text = pc.if_else(pc.equal(text, ""), pa.scalar(None, col.type), text)
+                label = name == layout.label
+                ok = pc.fill_null(pc.match_substring_regex(text, "^[01]$" if label else _NUMBER),
+                                  not label)
+                checks.append(("bad_label" if label else "non_numeric", name, ok))
+                col = pc.if_else(ok, text, pa.scalar(None, col.type))
             try:
                 if name == layout.label:
                     col = pc.cast(col, pa.int64())
@@ -266,11 +276,11 @@ def typed_batches(batches: Iterator[pa.RecordBatch], path: Path, layout: Layout,
             cols[name] = col
         n = batch.num_rows
         stats.rows_read += n
-        checks = _value_checks(cols, layout)
         if layout.label:
             lab = pc.fill_null(pc.is_in(cols[layout.label],
                                         value_set=pa.array([0, 1], pa.int64())), False)
-            checks.insert(0, ("bad_label", layout.label, lab))
+            checks.append(("bad_label", layout.label, lab))
+        checks += _value_checks(cols, layout)
         batch = pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
         keep = _keep(checks, stats) if skip_bad else None
         if keep is not None:
@@ -279,7 +289,7 @@ def typed_batches(batches: Iterator[pa.RecordBatch], path: Path, layout: Layout,
             for reason, c, ok in checks:
                 bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
                 if len(bad):
-                    value = str(cols[c][int(bad[0])].as_py())
+                    value = str(texts.get(c, cols[c])[int(bad[0])].as_py())
                     raise DataError(path, _MESSAGES[reason].format(value),
                                     line=row0 + int(bad[0]) + 1, field=c)
         row0 += n

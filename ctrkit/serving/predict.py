@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from ctrkit.config import Config, load_config
 from ctrkit.data.encode import RowEncoder
-from ctrkit.data.formats import Layout, resolve_layout, table_layout
+from ctrkit.data.formats import (Layout, parquet_columns, get_format, resolve_layout,
+                                  table_layout)
 from ctrkit.data.loader import make_batch, prefetch
 from ctrkit.data.preprocess import split_files
 from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
@@ -135,10 +136,10 @@ class Predictor:
     def predict(self, rows: Rows, skip_bad_rows: bool = False) -> np.ndarray:
         """One probability per row of a DataFrame, pyarrow Table or list of dicts."""
         table = _as_table(rows)
-        layout = table_layout(self.cfg.data, table.column_names, "rows")
-        self.encoder.check(layout, "rows")
         if table.num_rows == 0:
             return np.zeros(0)
+        layout = table_layout(self.cfg.data, table.column_names, "rows")
+        self.encoder.check(layout, "rows")
         batches = iter_table_batches(table, "rows", layout, ReadStats(), skip_bad_rows)
         out = [p for _, p, _ in self._scored(batches, layout)]
         return np.concatenate(out) if out else np.zeros(0)
@@ -171,12 +172,12 @@ class Predictor:
                     print(f"ctrkit predict: {path} is empty: no rows to score", flush=True)
                     continue
                 layout = resolve_layout(self.cfg.data, path, label_optional=True)
-                layout.passthrough = list(columns)
+                layout.passthrough = sources = _passthrough(layout, columns, path)
                 self.encoder.check(layout, str(path))
                 batches = iter_batches(path, layout, self.cfg.data.read_block_mb, stats, skip,
                                        whole_file_mb=0)
                 for rb, probs, labels in self._scored(_nonempty(batches), layout):
-                    table = pa.table([rb.column(c) for c in columns] + [pa.array(probs)],
+                    table = pa.table([rb.column(c) for c in sources] + [pa.array(probs)],
                                      names=list(columns) + [PROBABILITY])
                     writer = writer or _writer(tmp, kind, table.schema)
                     writer.write_table(table)
@@ -212,6 +213,23 @@ def _nonempty(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     except DataError as e:
         if not str(e).endswith("file has no data rows"):
             raise
+        print(f"ctrkit predict: {e.path} has no data rows: no rows to score", flush=True)
+
+
+def _passthrough(layout: Layout, columns: Sequence[str], path: Path) -> List[str]:
+    """The file's names of the columns to pass through (matched as the format matches its
+    header: Criteo's in any case); a name that is not a column of the file is one line."""
+    names = layout.column_names or parquet_columns(path)
+    any_case = get_format(layout.format).header_any_case
+    lower = {n.lower(): n for n in names}
+    out = []
+    for c in columns:
+        actual = c if c in names else (lower.get(c.lower()) if any_case else None)
+        if actual is None:
+            raise CtrkitError(f"--columns {c}: not a column of {path} (its columns: "
+                              f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
+        out.append(actual)
+    return out
 
 
 def _writer(path: Path, kind: str, schema: pa.Schema):
