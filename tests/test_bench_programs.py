@@ -77,7 +77,7 @@ def test_ctrkit_bench_points_to_the_programs(capsys):
     assert "bench/throughput.py" in err and "gossip_compression.py" in err
     assert main(["train.seed=1", "bench"]) == 2 and "bench/README.md" in capsys.readouterr().err
     assert main(["--help"]) == 0
-    assert "{synth,prepare,train,eval,demo}" in capsys.readouterr().out
+    assert "{synth,prepare,train,eval,demo,predict,export}" in capsys.readouterr().out
 
 
 def test_no_environment_variables_configure_the_benchmarks():
