@@ -92,9 +92,7 @@ class DataConfig(_Strict):
     @field_validator("format")
     @classmethod
     def _registered_format(cls, v: str) -> str:
-        if v not in FORMATS:
-            raise ValueError(f"unknown format {v!r} (known: {', '.join(FORMATS.names())})")
-        return v
+        return FORMATS.check(v, "format")
 
     @model_validator(mode="after")
     def _generic_needs_features(self) -> "DataConfig":
@@ -324,9 +322,7 @@ class DistributedConfig(_Strict):
     @field_validator("algorithm")
     @classmethod
     def _registered_algorithm(cls, v: str) -> str:
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown algorithm {v!r} (known: {', '.join(STRATEGIES.names())})")
-        return v
+        return STRATEGIES.check(v, "algorithm")
 
     @field_validator("compressor", "dense_compressor")
     @classmethod

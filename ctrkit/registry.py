@@ -39,6 +39,13 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._lazy or name in self._entries
 
+    def check(self, name: str, noun: str) -> str:
+        """`name` when it is registered; else a ValueError naming the known ones (a config
+        validator's message: "unknown <noun> 'x' (known: ...)")."""
+        if name not in self:
+            raise ValueError(f"unknown {noun} {name!r} (known: {', '.join(self.names())})")
+        return name
+
     def get(self, name: str) -> Any:
         if name not in self._entries and name in self._lazy:
             module, attr = self._lazy[name].split(":")

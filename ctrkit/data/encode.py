@@ -21,10 +21,6 @@ from ctrkit.data.schema import MISSING_ID, OOV_ID, Schema
 from ctrkit.errors import CtrkitError
 
 
-def vocab_path(schema: Schema, name: str):
-    return schema.root / "vocab" / f"{name}.arrow"
-
-
 class RowEncoder:
     """Encodes raw rows for the model trained on `schema` (its folder holds the vocabularies)."""
 
@@ -44,7 +40,7 @@ class RowEncoder:
         """The training vocabulary of feature `name`: position i holds the value of id i + 2."""
         ix = self._index.get(name)
         if ix is None:
-            path = vocab_path(self.schema, name)
+            path = self.schema.vocab_path(name)
             try:
                 values = feather.read_table(str(path), columns=["value"]).column("value")
             except (OSError, pa.ArrowInvalid, KeyError) as e:

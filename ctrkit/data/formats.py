@@ -214,10 +214,17 @@ def _label_name(cfg: DataConfig) -> str:
 
 
 def _has_label(cfg: DataConfig, names: List[str]) -> bool:
-    label = _label_name(cfg)
-    if get_format(cfg.format).header_any_case:
-        return label.lower() in [n.lower() for n in names]
-    return label in names
+    return header_name(cfg.format, names, _label_name(cfg)) is not None
+
+
+def header_name(format_name: str, names: List[str], wanted: str) -> Optional[str]:
+    """The column of `names` that is `wanted`, matched as the format matches its header (Criteo's
+    in any case); None: not there."""
+    if wanted in names:
+        return wanted
+    if get_format(format_name).header_any_case:
+        return {n.lower(): n for n in names}.get(wanted.lower())
+    return None
 
 
 def parquet_columns(path: Path) -> List[str]:

@@ -282,10 +282,10 @@ def typed_batches(batches: Iterator[pa.RecordBatch], path: Path, layout: Layout,
             checks.append(("bad_label", layout.label, lab))
         checks += _value_checks(cols, layout)
         batch = pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
-        keep = _keep(checks, stats) if skip_bad else None
-        if keep is not None:
-            batch = batch.filter(keep)
-        elif not skip_bad:
+        if skip_bad:
+            keep = _keep(checks, stats)
+            batch = batch if keep is None else batch.filter(keep)
+        else:
             for reason, c, ok in checks:
                 bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
                 if len(bad):

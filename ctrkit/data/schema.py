@@ -61,6 +61,10 @@ class Schema:
     source: Optional[dict] = None   # what produced it: data/fingerprint.py
     root: Optional[Path] = None
 
+    def vocab_path(self, name: str) -> Path:
+        """Feature `name`'s vocabulary file (value, count; id i + 2 is row i)."""
+        return Path(self.root) / "vocab" / f"{name}.arrow"
+
     @property
     def sparse(self) -> List[FeatureInfo]:
         return [f for f in self.features if f.kind == "sparse"]

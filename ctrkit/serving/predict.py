@@ -10,9 +10,7 @@ probabilities kept for AUC when the input has labels, 12 bytes a row).
 """
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,13 +24,14 @@ from tqdm import tqdm
 
 from ctrkit.config import Config, load_config
 from ctrkit.data.encode import RowEncoder
-from ctrkit.data.formats import (Layout, parquet_columns, get_format, resolve_layout,
+from ctrkit.data.formats import (Layout, header_name, parquet_columns, resolve_layout,
                                   table_layout)
 from ctrkit.data.loader import make_batch, prefetch
 from ctrkit.data.preprocess import split_files
 from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
 from ctrkit.data.schema import Schema
 from ctrkit.errors import CtrkitError, DataError
+from ctrkit.ownership import atomic_path
 from ctrkit.metrics import auc_logloss
 from ctrkit.train.checkpointing import checkpoint_to_evaluate, load_for_evaluation
 from ctrkit.train.run_dir import SCORING_DATA
@@ -162,41 +161,36 @@ class Predictor:
         files = [p for pattern in inputs for p in split_files(pattern)]
         skip = self.cfg.data.skip_bad_rows if skip_bad_rows is None else skip_bad_rows
         stats, labels_all, probs_all = ReadStats(), [], []
-        tmp = output.with_name(f".{output.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
         writer = None
         t0 = time.time()
         bar = tqdm(desc="predict", unit=" rows", disable=not progress, mininterval=1.0)
-        try:
-            for path in files:
-                if path.stat().st_size == 0:
-                    print(f"ctrkit predict: {path} is empty: no rows to score", flush=True)
-                    continue
-                layout = resolve_layout(self.cfg.data, path, label_optional=True)
-                layout.passthrough = sources = _passthrough(layout, columns, path)
-                self.encoder.check(layout, str(path))
-                batches = iter_batches(path, layout, self.cfg.data.read_block_mb, stats, skip,
-                                       whole_file_mb=0)
-                for rb, probs, labels in self._scored(_nonempty(batches), layout):
-                    table = pa.table([rb.column(c) for c in sources] + [pa.array(probs)],
-                                     names=list(columns) + [PROBABILITY])
-                    writer = writer or _writer(tmp, kind, table.schema)
-                    writer.write_table(table)
-                    if labels is not None:
-                        labels_all.append(labels)
-                        probs_all.append(probs)
-                    bar.update(rb.num_rows)
-            if writer is None:   # no rows at all: an empty file with the columns
-                empty = pa.schema([(c, pa.string()) for c in columns] + [(PROBABILITY, pa.float64())])
-                writer = _writer(tmp, kind, empty)
-            writer.close()
-            writer = None
-            os.replace(tmp, output)
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(output) as tmp:
+            try:
+                for path in files:
+                    if path.stat().st_size == 0:
+                        print(f"ctrkit predict: {path} is empty: no rows to score", flush=True)
+                        continue
+                    layout = resolve_layout(self.cfg.data, path, label_optional=True)
+                    layout.passthrough = sources = _passthrough(layout, columns, path)
+                    self.encoder.check(layout, str(path))
+                    batches = iter_batches(path, layout, self.cfg.data.read_block_mb, stats, skip,
+                                           whole_file_mb=0)
+                    for rb, probs, labels in self._scored(_nonempty(batches), layout):
+                        table = pa.table([rb.column(c) for c in sources] + [pa.array(probs)],
+                                         names=list(columns) + [PROBABILITY])
+                        writer = writer or _writer(tmp, kind, table.schema)
+                        writer.write_table(table)
+                        if labels is not None:
+                            labels_all.append(labels)
+                            probs_all.append(probs)
+                        bar.update(rb.num_rows)
+                if writer is None:   # no rows at all: an empty file with the columns
+                    empty = [(c, pa.string()) for c in columns] + [(PROBABILITY, pa.float64())]
+                    writer = _writer(tmp, kind, pa.schema(empty))
+            finally:
+                bar.close()
+                if writer is not None:
+                    writer.close()
         d = stats.as_dict()
         metrics = None
         if labels_all and sum(len(x) for x in labels_all):
@@ -220,11 +214,9 @@ def _passthrough(layout: Layout, columns: Sequence[str], path: Path) -> List[str
     """The file's names of the columns to pass through (matched as the format matches its
     header: Criteo's in any case); a name that is not a column of the file is one line."""
     names = layout.column_names or parquet_columns(path)
-    any_case = get_format(layout.format).header_any_case
-    lower = {n.lower(): n for n in names}
     out = []
     for c in columns:
-        actual = c if c in names else (lower.get(c.lower()) if any_case else None)
+        actual = header_name(layout.format, names, c)
         if actual is None:
             raise CtrkitError(f"--columns {c}: not a column of {path} (its columns: "
                               f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")

@@ -15,7 +15,7 @@ from ctrkit.data.fingerprint import DATA_KEYS
 from ctrkit.data.preprocess import SPLITS, split_files
 from ctrkit.data.schema import SCHEMA_FILE, Schema
 from ctrkit.errors import CtrkitError
-from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder
+from ctrkit.ownership import OwnedFolder, atomic_path, check_disjoint, check_folder
 from ctrkit.train.checkpoint import LAST, MARKER, RANK_PATTERN, read_marker
 
 RUN = "run folder"
@@ -26,7 +26,7 @@ RUN_FILES = ["config.yaml", "launch.yaml", "metrics.csv", "metrics.json", "curve
              f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{MARKER}", f"{CHECKPOINTS}/best.pt",
              f"{SCORING_DATA}/{SCHEMA_FILE}"]
 RUN_PATTERNS = ["tb/events.out.tfevents.*", f"{CHECKPOINTS}/{RANK_PATTERN}",
-                f"{SCORING_DATA}/vocab/*.arrow", f"{SCORING_DATA}/vocab/.*.tmp"]
+                f"{SCORING_DATA}/vocab/*.arrow"]
 RUN_DIRS = ["tb", CHECKPOINTS, SCORING_DATA, f"{SCORING_DATA}/vocab"]
 # a sharded run's best model (torch.distributed.checkpoint folders), recorded when first saved
 SHARDED_BEST_TREES = [f"{CHECKPOINTS}/best", f"{CHECKPOINTS}/best.tmp", f"{CHECKPOINTS}/best.old"]
@@ -117,17 +117,14 @@ def save_scoring_data(run_dir: Path, schema: Schema) -> None:
     where the filesystem allows (prepare replaces its files, it never rewrites them), else
     copies; each appears atomically, schema.json last."""
     out = run_dir / SCORING_DATA
-    (out / "vocab").mkdir(parents=True, exist_ok=True)
     for f in schema.sparse:
-        src = Path(schema.root) / "vocab" / f"{f.name}.arrow"
-        dst = out / "vocab" / f"{f.name}.arrow"
+        src, dst = schema.vocab_path(f.name), out / "vocab" / f"{f.name}.arrow"
         with contextlib.suppress(OSError):
             if os.path.samefile(src, dst):
                 continue
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
     schema.save(out)
