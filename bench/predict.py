@@ -10,10 +10,13 @@ host's CPU speed drifts several-fold within minutes, so the targets are ratios w
 - predict: `Predictor.predict_files` from the raw file (default: the config's data.valid) to a
   Parquet file, rows/s end to end (reading, encoding with the run's vocabularies, scoring,
   writing; the model is loaded once, outside the timing);
+- predict_bf16: the same with `precision="bf16"` (matrix products in bfloat16), and how far its
+  scores and AUC are from fp32's on the whole file;
 - read: pyarrow's plain CSV read of the same file (pyarrow.csv.read_csv, every column);
+  pyarrow's thread pool has the same number of threads as torch for all of these;
 - train: the trainer's own training step of the same model (`Trainer.train_step`, data loading
   included; bench/throughput.py's full step) in samples/s.
-Targets: predict/read >= 0.3, predict/train >= 3. Then the exported program (ctrkit export:
+Targets: predict/read >= 0.3, predict/train >= 3 (each reported for fp32 and bf16). Then the exported program (ctrkit export:
 model.pt2, run with torch alone) at batch 1, 32 and 512: p50 and p99 latency of a call.
 One result file per measurement and thread count, DIR/predict_t<threads>.json and
 DIR/latency_t<threads>.json; a finished one is skipped.
@@ -50,6 +53,21 @@ def _predict_rows_per_s(predictor, path: Path, out: Path) -> float:
     s = predictor.predict_files([str(path)], target, progress=False)
     target.unlink()
     return s.rows_read / s.seconds
+
+
+def _agreement(fp32, bf16, path: Path, out: Path) -> dict:
+    """How far bf16's scores of the file are from fp32's: max and mean |difference|, both AUCs."""
+    import pyarrow.parquet as pq
+    scores, aucs = [], []
+    for name, predictor in (("fp32", fp32), ("bf16", bf16)):
+        target = out / f"scores_{name}.parquet"
+        s = predictor.predict_files([str(path)], target, progress=False)
+        scores.append(pq.read_table(target).column("probability").to_numpy())
+        aucs.append(s.metrics["auc"] if s.metrics else None)
+        target.unlink()
+    diff = np.abs(scores[0] - scores[1])
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "auc_fp32": aucs[0], "auc_bf16": aucs[1]}
 
 
 def _train_samples_per_s(cfg, schema, work: Path, steps: int = 3):
@@ -89,15 +107,19 @@ def latency(program, schema, batches=LATENCY_BATCHES, calls: int = 200) -> Dict[
 def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: int) -> dict:
     from ctrkit.data.preprocess import open_prepared
     from ctrkit.serving.predict import Predictor
+    import pyarrow as pa
     torch.set_num_threads(threads)
+    pa.set_cpu_count(threads)
     predictor = Predictor.load(run)
+    bf16 = Predictor.load(run, precision="bf16")
     delim = "\t" if cfg.data.format == "criteo_tsv" else ","
     with open_prepared(cfg, progress=False) as schema:
         train_rate = _train_samples_per_s(cfg, schema, out)
-        rows: Dict[str, List[float]] = {"predict": [], "read": [], "train": []}
+        rows: Dict[str, List[float]] = {"predict": [], "predict_bf16": [], "read": [], "train": []}
         for _ in range(rounds):
             rows["read"].append(_read_rows_per_s(input_path, delim))
             rows["predict"].append(_predict_rows_per_s(predictor, input_path, out))
+            rows["predict_bf16"].append(_predict_rows_per_s(bf16, input_path, out))
             rows["train"].append(train_rate())
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(rows[a], rows[b])), 3)  # noqa: E731
     result = {"threads": threads, "input": str(input_path), "run": str(run),
@@ -107,6 +129,10 @@ def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: i
               "median_rows_per_s": {k: round(statistics.median(v)) for k, v in rows.items()},
               "predict_over_read": ratio("predict", "read"),
               "predict_over_train": ratio("predict", "train"),
+              "bf16_over_read": ratio("predict_bf16", "read"),
+              "bf16_over_train": ratio("predict_bf16", "train"),
+              "bf16_agreement": _agreement(predictor, bf16, input_path, out),
+              "pyarrow_threads": threads,
               "targets": {"predict_over_read": 0.3, "predict_over_train": 3.0},
               "host": platform.node(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -175,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 write_json(path, result)
                 print(f"predict: {kind} at {t} threads: " + ", ".join(
                     f"{k} {result[k]}" for k in ("median_rows_per_s", "predict_over_read",
-                                                  "predict_over_train", "latency") if k in result),
+                                                  "predict_over_train", "bf16_over_read",
+                                                  "bf16_over_train", "latency") if k in result),
                       file=sys.stderr)
         return done
     return bench_args.run("bench/predict.py", body)

@@ -44,7 +44,7 @@ from ctrkit.errors import CtrkitError
 from ctrkit.models import build_model
 from ctrkit.models.layers import fm_interaction
 from ctrkit.ownership import OwnedFolder
-from ctrkit.train.device import resolve_device, use_device
+from ctrkit.distributed.device import resolve_device, use_device
 from ctrkit.train.memory import keep_freed_memory
 from ctrkit.train.trainer import Trainer
 

@@ -96,7 +96,8 @@ def cmd_demo(cfg, args) -> dict:
 def cmd_predict(args) -> dict:
     """Score raw files with a run's model (ctrkit/serving/predict.py)."""
     from ctrkit.serving.predict import Predictor
-    p = Predictor.load(args.run, checkpoint=args.checkpoint, batch_rows=args.batch_rows)
+    p = Predictor.load(args.run, checkpoint=args.checkpoint, batch_rows=args.batch_rows,
+                       precision=args.precision)
     if args.threads:
         from ctrkit.train.setup import set_threads
         set_threads(args.threads)
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's best)")
     sp.add_argument("--batch-rows", type=int, default=65536, help="rows encoded and written per batch (the model scores 4096 at a time)")
     sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32: the scores training's evaluation gives; bf16: matrix products in "
+                         "bfloat16, faster on CPUs with bf16 units, scores agree to ~1e-3")
     sp = sub.add_parser("export", help="a trained run's model as a torch.export program")
     sp.add_argument("run", help="run folder (or a checkpoint inside one)")
     sp.add_argument("--out", required=True, help="output folder (new, or one export wrote)")

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args
+from typing import (Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union,
+                    get_args, get_type_hints)
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from ctrkit.errors import ConfigError
-from ctrkit.registry import FORMATS, STRATEGIES
+from ctrkit.registry import FORMATS, MODELS, STRATEGIES, compressor_parts
 
 
 class _Strict(BaseModel):
@@ -328,8 +330,7 @@ class DistributedConfig(_Strict):
     @classmethod
     def _known_compressor(cls, v: Optional[str]) -> Optional[str]:
         if v is not None:
-            from ctrkit.comm.compress import build_compressor
-            build_compressor(v)   # ValueError -> a one-line config error naming the key
+            compressor_parts(v)   # ValueError -> a one-line config error naming the key
         return v
 
 
@@ -370,11 +371,11 @@ class Config(_Strict):
     def _model_keys_fit_the_constructor(self) -> "Config":
         """Validate the model section's keys with `constructor_arguments` and keep the validated
         values (e.g. '16' -> 16), so a bad value fails here, naming its key, not inside torch."""
-        from ctrkit.models.registry import constructor_arguments   # lazy: imports torch and this module
-        try:
-            arguments = constructor_arguments(self.model.name)
-        except ConfigError as e:   # unknown model name
-            raise ValueError(str(e)) from None
+        name = self.model.name
+        if name not in MODELS:
+            raise ValueError(f"model.name: unknown model '{name}' (known: "
+                             f"{', '.join(sorted(MODELS.names()))})")
+        arguments = constructor_arguments(MODELS.get(name))
         given = self.model.model_extra or {}
         try:
             checked = arguments.model_validate(given)
@@ -399,6 +400,26 @@ class Config(_Strict):
         if problem:
             raise ValueError(problem)
         return self
+
+
+def constructor_arguments(cls: type) -> Type[BaseModel]:
+    """A pydantic model of the keyword arguments `cls`'s constructor takes after its first
+    parameter (a model's schema), read from its signature: values must fit the annotations,
+    constraints such as `Annotated[int, Field(ge=1)]` included; a parameter without a default is
+    required; a key that is no parameter is an error unless the constructor takes **kwargs. The
+    config checks the `model:` section with it."""
+    try:
+        hints = get_type_hints(cls.__init__, include_extras=True)
+    except Exception:   # an annotation that does not resolve at run time: check no types
+        hints = {}
+    params = list(inspect.signature(cls).parameters.values())[1:]
+    fields: Dict[str, Any] = {
+        p.name: (hints.get(p.name, Any), ... if p.default is p.empty else p.default)
+        for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    extra = "allow" if any(p.kind == p.VAR_KEYWORD for p in params) else "forbid"
+    config = ConfigDict(extra=extra, allow_inf_nan=False, arbitrary_types_allowed=True,
+                        protected_namespaces=())
+    return create_model(f"{cls.__name__}Arguments", __config__=config, **fields)
 
 
 def base_optimizer_conflict(cfg: Config) -> Optional[str]:

@@ -6,7 +6,7 @@ Every key of `Config` becomes one table row: dotted path, type, default, allowed
 bounds (from the annotation and its `Field` constraints) and its meaning (the field's
 `description`). A section's docstring introduces it. The `model` section's keys belong to the
 chosen model; the built-in models' keys are read from their constructors' signatures
-(`ctrkit.models.registry.constructor_arguments`), the way the config checks them.
+(`ctrkit.config.constructor_arguments`), the way the config checks them.
 tests/test_config_doc.py fails when docs/config.md is not what `render()` gives, and when a
 field has no description.
 """

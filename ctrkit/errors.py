@@ -27,6 +27,13 @@ class DataError(CtrkitError):
         super().__init__(f"{where}: {message}")
 
 
+class NoDataRows(DataError):
+    """A file with a header (or nothing) and no data rows; a caller may treat it as zero rows."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        super().__init__(path, "file has no data rows")
+
+
 class Interrupted(CtrkitError):
     """SIGINT/SIGTERM during training: the run saved its state first and can be resumed."""
 

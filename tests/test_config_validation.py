@@ -10,6 +10,7 @@ import ctrkit.models.registry as registry
 from ctrkit.cli import main
 from ctrkit.config import load_config
 from ctrkit.errors import ConfigError
+from ctrkit.registry import MODELS
 from tests.conftest import CONFIGS
 
 
@@ -155,9 +156,9 @@ class _Open(nn.Module):
 
 
 def test_a_registered_models_annotations_are_checked(monkeypatch):
-    monkeypatch.setitem(registry._MODELS, "toy", _Toy)
-    monkeypatch.setitem(registry._MODELS, "required", _Required)
-    monkeypatch.setitem(registry._MODELS, "open", _Open)
+    monkeypatch.setitem(MODELS.entries, "toy", _Toy)
+    monkeypatch.setitem(MODELS.entries, "required", _Required)
+    monkeypatch.setitem(MODELS.entries, "open", _Open)
     with pytest.raises(ConfigError, match=r"model\.depth: Input should be greater than or equal to 2"):
         load_config(None, ["model.name=toy", "model.depth=1"])
     with pytest.raises(ConfigError, match=r"unknown key 'model.dpth' for model 'toy' \(did you mean 'model.depth'\?\)"):

@@ -215,13 +215,12 @@ def test_checkpoint_of_another_model_names_the_keys(raw, tmp_path):
 def test_fused_tables_checkpoint_per_table():
     """Fused (fbgemm TBE) tables save per table, not in fbgemm's placement-specific buffers
     (weights_host on the CPU, weights_dev on a GPU), so a checkpoint loads on either device."""
-    from ctrkit.config import SparseOptConfig
     from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
     from ctrkit.models.fused import FusedEmbeddingBags
 
     def make():
         bag = BatchedEmbeddingBags([table_config("t0", "f0", 10, 4), table_config("t1", "f1", 7, 4)])
-        return FusedEmbeddingBags(bag, SparseOptConfig(name="rowwise_adagrad", fused=True))
+        return FusedEmbeddingBags(bag, "rowwise_adagrad", lr=1e-3)
     a, b = make(), make()
     state = {k: v + 1 for k, v in a.state_dict().items()}
     assert sorted(state) == ["optimizer.t0.0", "optimizer.t1.0", "weight.t0", "weight.t1"]

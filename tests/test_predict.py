@@ -193,3 +193,21 @@ def test_a_passthrough_column_that_is_not_there_is_one_line(criteo_run, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--columns nosuch: not a column of" in err
     assert not out.exists()
+
+
+def test_bf16_precision_scores_close_to_fp32_and_a_bad_one_is_refused(criteo_run, tmp_path):
+    """precision=bf16 runs the matrix products in bfloat16: the same rows, scores within 1e-2 of
+    fp32 and AUC within 0.01, but not the exact fp32 scores; an unknown precision is one line."""
+    from ctrkit.errors import CtrkitError
+    _, run_dir, _ = criteo_run
+    src = [str(LAPIS_CRITEO / "dev.csv")]
+    fp32 = Predictor.load(run_dir).predict_files(src, tmp_path / "a.parquet", progress=False)
+    bf16 = Predictor.load(run_dir, precision="bf16")
+    s = bf16.predict_files(src, tmp_path / "b.parquet", progress=False)
+    a = pq.read_table(tmp_path / "a.parquet").column("probability").to_numpy()
+    b = pq.read_table(tmp_path / "b.parquet").column("probability").to_numpy()
+    assert s.rows_written == fp32.rows_written == len(a)
+    assert 0 < np.abs(a - b).max() < 1e-2
+    assert abs(s.metrics["auc"] - fp32.metrics["auc"]) < 0.01
+    with pytest.raises(CtrkitError, match="precision 'fp8': expected one of fp32, bf16"):
+        Predictor.load(run_dir, precision="fp8")

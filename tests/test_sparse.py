@@ -106,11 +106,9 @@ def test_multi_hot_bags_use_embedding_bag():
 
 def test_fused_fbgemm_rowwise_adagrad_matches_native():
     """fbgemm's fused TBE update and our row-sparse row-wise Adagrad are the same algorithm."""
-    from ctrkit.config import SparseOptConfig
     from ctrkit.models.fused import FusedEmbeddingBags
     native = _bags(100, tables=3, dim=8)
-    fused = FusedEmbeddingBags(_bags(100, tables=3, dim=8),
-                               SparseOptConfig(name="rowwise_adagrad", lr=0.1, fused=True))
+    fused = FusedEmbeddingBags(_bags(100, tables=3, dim=8), "rowwise_adagrad", lr=0.1)
     opt = RowSparseAdagrad([native.weight], lr=0.1, rowwise=True)
     torch.manual_seed(1)
     for _ in range(3):
@@ -155,3 +153,39 @@ def test_loader_precomputed_unique_matches_model_unique(tmp_path):
     ref.index_select(0, idx).square().sum().backward()
     torch.testing.assert_close(grad_fast, ref.grad)
     assert torch.equal(rows_fast, torch.unique(idx))
+
+
+def test_fused_tables_learning_rate_is_an_ordinary_optimizers():
+    """A fused module's `fused_optimizer` is in build_optimizers' list, and the lr a schedule or
+    LR-on-plateau writes into its param group is the one the next backward updates with: after a
+    cut to 0.02 it steps as row-wise Adagrad at 0.02."""
+    from ctrkit.config import OptimizerConfig
+    from ctrkit.models.fused import FusedEmbeddingBags
+    from ctrkit.optim.build import build_optimizers
+
+    class Tables(torch.nn.Module):
+        def __init__(self, bags):
+            super().__init__()
+            self.bags = bags
+
+    native = _bags(100, tables=3, dim=8)
+    fused = FusedEmbeddingBags(_bags(100, tables=3, dim=8), "rowwise_adagrad", lr=0.5)
+    cfg = OptimizerConfig(sparse={"name": "rowwise_adagrad", "lr": 0.1, "fused": True})
+    opts = build_optimizers(Tables(fused), cfg)
+    assert opts == [fused.fused_optimizer] and opts[0].param_groups[0]["lr"] == 0.1
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opts[0], factor=0.2, patience=0)
+    plateau.step(1.0)
+    plateau.step(2.0)   # no better: 0.1 -> 0.02
+    ref = RowSparseAdagrad([native.weight], lr=0.02, rowwise=True)
+    torch.manual_seed(2)
+    for _ in range(3):
+        kjt = _kjt(torch.randint(0, 100, (3, 16)))
+        target = torch.randn(16, 3, 8)
+        for m in (native, fused):
+            ((m(kjt) - target) ** 2).sum().backward()
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+    for i in range(3):
+        assert torch.allclose(native.table_weight(i).detach(), fused.table_weight(i), atol=1e-5)

@@ -90,7 +90,9 @@ def test_resume_gives_the_same_parameters(make_cfg, tmp_path, sparse_opt):
 def test_entry_point_models_are_found(monkeypatch):
     """A plug-in package's `ctrkit.models` entry point makes its model selectable by name."""
     import ctrkit.models.registry as reg
+    import ctrkit.registry
     from ctrkit.models.zoo import LogisticRegression
+    from ctrkit.registry import MODELS
 
     class FakeEP:
         name = "plugin_lr"
@@ -98,8 +100,8 @@ def test_entry_point_models_are_found(monkeypatch):
         def load(self):
             return LogisticRegression
 
-    monkeypatch.setattr(reg, "entry_points", lambda group: [FakeEP()] if group == "ctrkit.models" else [])
-    monkeypatch.delitem(reg._MODELS, "plugin_lr", raising=False)
+    monkeypatch.setattr(ctrkit.registry, "entry_points", lambda group: [FakeEP()] if group == "ctrkit.models" else [])
+    monkeypatch.delitem(MODELS.entries, "plugin_lr", raising=False)
     assert reg.get_model_class("plugin_lr") is LogisticRegression
     assert "plugin_lr" in reg.available_models()
-    reg._MODELS.pop("plugin_lr")
+    MODELS.entries.pop("plugin_lr")

@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctrkit.registry import Registry
+from ctrkit.registry import CODERS, SELECTORS, compressor_parts
 
-# The parts a spec names, each a factory `(spec, name, arg) -> Selector | Coder` (`arg`: the text
-# after the name's ':'; raise ValueError naming `spec` on a bad one). A plug-in adds its own with
-# the decorator before the config loads (docs/compression.md), e.g.
+# The parts a spec names are factories `(spec, name, arg) -> Selector | Coder` registered in
+# ctrkit.registry's SELECTORS and CODERS (the config checks specs there); a plug-in adds its own,
+# e.g.
 #     @CODERS.register("ternary")
 #     def _ternary(spec, name, arg): return MyTernaryCoder()     # a Coder subclass
-SELECTORS = Registry("compressor selector", {})
-CODERS = Registry("compressor value coder", {})
 
 _HEADER = 4
 _MASK64 = (1 << 64) - 1
@@ -464,13 +462,9 @@ def unpack_dense(data: Tensor, compressor: Compressor, numel: int, seed: int) ->
 
 # ---------------------------------------------------------------- specs
 
-def _known() -> str:
-    return ", ".join(SELECTORS.names() + CODERS.names())
-
-
 @SELECTORS.register("randk")
 @SELECTORS.register("topk")
-def _ratio_selector(spec: str, name: str, arg: str) -> Selector:
+def ratio_selector(spec: str, name: str, arg: str) -> Selector:
     try:
         ratio = float(arg)
     except ValueError:
@@ -484,7 +478,7 @@ def _ratio_selector(spec: str, name: str, arg: str) -> Selector:
 @CODERS.register("bf16")
 @CODERS.register("fp16")
 @CODERS.register("identity")
-def _cast_coder(spec: str, name: str, arg: str) -> Coder:
+def cast_coder(spec: str, name: str, arg: str) -> Coder:
     if arg:
         raise ValueError(f"compressor {spec!r}: {name} takes no options, got {arg!r}")
     return _Float(name)
@@ -493,7 +487,7 @@ def _cast_coder(spec: str, name: str, arg: str) -> Coder:
 @CODERS.register("sign")
 @CODERS.register("int4")
 @CODERS.register("int8")
-def _block_coder(spec: str, name: str, arg: str) -> Coder:
+def block_coder(spec: str, name: str, arg: str) -> Coder:
     block = _DEFAULT_BLOCK[name]
     for opt in filter(None, (o.strip() for o in arg.split(","))):
         key, eq, val = opt.partition("=")
@@ -510,36 +504,13 @@ def _block_coder(spec: str, name: str, arg: str) -> Coder:
     return q
 
 
-def _parse_part(spec: str, part: str) -> object:
-    name, _, arg = part.partition(":")
-    name = name.strip().lower()
-    registry = SELECTORS if name in SELECTORS else CODERS if name in CODERS else None
-    if registry is None:
-        raise ValueError(f"compressor {spec!r}: unknown name {name!r} (known: {_known()})")
-    factory = registry.get(name)
-    part_obj = factory(spec, name, arg)
-    want = Selector if registry is SELECTORS else Coder
-    if not isinstance(part_obj, want):
-        raise ValueError(f"compressor {spec!r}: {name} made a {type(part_obj).__name__}, "
-                         f"not a {want.__name__}")
-    return part_obj
-
-
 def build_compressor(spec: str) -> Compressor:
     """Parse 'identity', 'topk:R', 'randk:R', 'int8[:block=N]', 'int4[:block=N]', 'sign[:block=N]',
     'fp16', 'bf16', or 'selector+coder' (e.g. 'topk:0.01+int8'). Raises a one-line ValueError."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"compressor {spec!r}: empty spec (known: {_known()})")
-    parts: List[object] = [_parse_part(spec, p.strip()) for p in spec.strip().split("+")]
-    sel = parts[0] if isinstance(parts[0], Selector) else None
-    rest = parts[1:] if sel is not None else parts
-    ok = len(rest) <= 1 and not any(isinstance(p, Selector) for p in rest)
-    if ok and rest and len(parts) > 1 and getattr(rest[0], "name", "") == "identity":
-        ok = False
-    if not ok:
-        raise ValueError(f"compressor {spec!r}: expected one selector "
-                         f"({', '.join(SELECTORS.names())}) optionally followed by one value coder "
-                         f"({', '.join(CODERS.names())}), joined by '+'; or one of them alone")
-    coder = rest[0] if rest else _Float("identity")
-    assert isinstance(coder, Coder)
+    sel, coder = compressor_parts(spec)
+    for part, want in ((sel, Selector), (coder, Coder)):
+        if part is not None and not isinstance(part, want):
+            raise ValueError(f"compressor {spec!r}: a {type(part).__name__} where a "
+                             f"{want.__name__} belongs")
+    coder = coder if coder is not None else _Float("identity")
     return Compressor(sel, coder)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, TypeVar
 
 import numpy as np

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ctrkit.data.formats import Layout, compression, delimiter_hint, get_format, open_text
-from ctrkit.errors import DataError
+from ctrkit.errors import DataError, NoDataRows
 
 HOUR_FORMAT = "%y%m%d%H"
 NULLS = frozenset(pacsv.ConvertOptions().null_values)   # values the parser reads as missing
@@ -108,6 +108,13 @@ def _keep(checks: List[Check], stats: ReadStats) -> pa.Array:
     return keep
 
 
+def _checked_text(text: pa.Array, pattern: str, missing_ok: bool) -> Tuple[pa.Array, pa.Array]:
+    """(ok per row, the text with bad values as null) for numbers that arrive as text: a value
+    must match `pattern`; a missing one is ok when `missing_ok`."""
+    ok = pc.fill_null(pc.match_substring_regex(text, pattern), missing_ok)
+    return ok, pc.if_else(ok, text, pa.scalar(None, text.type))
+
+
 def _filter_bad_values(batch: pa.RecordBatch, layout: Layout, stats: ReadStats) -> pa.RecordBatch:
     """skip_bad_rows mode: drop (and count) rows with a label not in {0,1}, a non-numeric or
     infinite number, or a bad date-hour. Label and numerics arrive as text."""
@@ -119,10 +126,9 @@ def _filter_bad_values(batch: pa.RecordBatch, layout: Layout, stats: ReadStats) 
         checks.append(("bad_label", layout.label, ok))
         cols[layout.label] = pc.cast(pc.if_else(ok, cols[layout.label], null), pa.int64())
     for c in layout.numeric_sources:
-        text = pc.utf8_trim_whitespace(cols[c])
-        ok = pc.fill_null(pc.match_substring_regex(text, _NUMBER), True)
+        ok, text = _checked_text(pc.utf8_trim_whitespace(cols[c]), _NUMBER, True)
         checks.append(("non_numeric", c, ok))
-        cols[c] = pc.cast(pc.if_else(ok, text, null), pa.float64())
+        cols[c] = pc.cast(text, pa.float64())
     checks += _value_checks(cols, layout)
     keep = _keep(checks, stats)
     batch = pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols))
@@ -153,7 +159,7 @@ def iter_batches(path: Path, layout: Layout, block_mb: int, stats: ReadStats,
         if any(skipped.values()):
             why = ", ".join(f"{k} {n}" for k, n in skipped.items() if n)
             raise DataError(path, f"every row was skipped ({why})")
-        raise DataError(path, "file has no data rows")
+        raise NoDataRows(path)
 
 
 def _iter_csv(path: Path, layout: Layout, block_mb: int, stats: ReadStats, skip_bad: bool,
@@ -259,10 +265,8 @@ def typed_batches(batches: Iterator[pa.RecordBatch], path: Path, layout: Layout,
                 text = pc.utf8_trim_whitespace(col)
                 texts[name] = text = pc.if_else(pc.equal(text, ""), pa.scalar(None, col.type), text)
                 label = name == layout.label
-                ok = pc.fill_null(pc.match_substring_regex(text, "^[01]$" if label else _NUMBER),
-                                  not label)
+                ok, col = _checked_text(text, "^[01]$" if label else _NUMBER, not label)
                 checks.append(("bad_label" if label else "non_numeric", name, ok))
-                col = pc.if_else(ok, text, pa.scalar(None, col.type))
             try:
                 if name == layout.label:
                     col = pc.cast(col, pa.int64())

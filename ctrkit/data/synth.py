@@ -290,18 +290,7 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
     splits = {"train": int(rows), "valid": int(valid_rows), "test": int(test_rows)}
     todo = {name: n for name, n in splits.items() if n > 0}
     targets = [out / f"{name}.tsv" for name in todo] + [out / "meta.json"]
-    folder = OwnedFolder(out, "synthetic data folder")
-    for path in targets:
-        if path.exists():
-            if not overwrite:
-                raise CtrkitError(f"{path} exists; pass overwrite=true to replace it")
-            if not folder.owns(path.name):   # overwrite replaces only what synth wrote
-                raise CtrkitError(f"{path} was not written by ctrkit synth; overwrite never "
-                                  "replaces it: choose another synth.out_dir")
-    try:
-        folder.record(files=[p.name for p in targets])
-    except (OSError, CtrkitError) as e:
-        raise CtrkitError(f"cannot create {out}: {getattr(e, 'strerror', None) or e}") from None
+    _claim(out, targets, overwrite)
 
     model = _build_model(int(seed), float(pos_rate), float(card_scale), int(max_card))
     meta: dict = {
@@ -317,25 +306,47 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
         "ceiling_logloss": {},
     }
     for name, n in todo.items():
-        path = out / f"{name}.tsv"
-        labels = np.empty(n, dtype=np.uint8)
-        probs = np.empty(n, dtype=np.float32)
-        bar = _progress_bar(n, name, progress)
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # never a partial final file
-                for chunk_idx, start in enumerate(range(0, n, CHUNK_ROWS)):
-                    m = min(CHUNK_ROWS, n - start)
-                    data, y, p = _draw_chunk(model, int(seed), SPLIT_IDS[name], chunk_idx, m)
-                    fh.write(data)
-                    labels[start:start + m] = y
-                    probs[start:start + m] = p
-                    if bar is not None:
-                        bar.update(m)
-        finally:
-            if bar is not None:
-                bar.close()
+        labels, probs = _write_split(out / f"{name}.tsv", model, int(seed), name, n, progress)
         meta["pos_rate"][name] = float(labels.mean())
         meta["ceiling_auc"][name] = _auc(labels, probs)
         meta["ceiling_logloss"][name] = _logloss(labels, probs)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _claim(out: Path, targets: list, overwrite: bool) -> None:
+    """Record `targets` as synth's in `out`; an existing file is replaced only with `overwrite`
+    and only when synth wrote it."""
+    folder = OwnedFolder(out, "synthetic data folder")
+    for path in targets:
+        if path.exists():
+            if not overwrite:
+                raise CtrkitError(f"{path} exists; pass overwrite=true to replace it")
+            if not folder.owns(path.name):   # overwrite replaces only what synth wrote
+                raise CtrkitError(f"{path} was not written by ctrkit synth; overwrite never "
+                                  "replaces it: choose another synth.out_dir")
+    try:
+        folder.record(files=[p.name for p in targets])
+    except (OSError, CtrkitError) as e:
+        raise CtrkitError(f"cannot create {out}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _write_split(path: Path, model, seed: int, name: str, n: int, progress: bool):
+    """Write split `name` (n rows) atomically; its (labels, true probabilities)."""
+    labels = np.empty(n, dtype=np.uint8)
+    probs = np.empty(n, dtype=np.float32)
+    bar = _progress_bar(n, name, progress)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # never a partial final file
+            for chunk_idx, start in enumerate(range(0, n, CHUNK_ROWS)):
+                m = min(CHUNK_ROWS, n - start)
+                data, y, p = _draw_chunk(model, seed, SPLIT_IDS[name], chunk_idx, m)
+                fh.write(data)
+                labels[start:start + m] = y
+                probs[start:start + m] = p
+                if bar is not None:
+                    bar.update(m)
+    finally:
+        if bar is not None:
+            bar.close()
+    return labels, probs

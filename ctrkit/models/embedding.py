@@ -63,19 +63,19 @@ class TableModule(nn.Module):
 
     It holds `tables` (torchrec `EmbeddingBagConfig`s of one `embedding_dim`), reads their
     `feature_names`, and `forward(kjt, facts=None)` returns [B, T, D], table t's pooled bag of
-    sample b at [b, t]. The methods below say how it is trained and saved.
+    sample b at [b, t]. The methods below say how it is trained and saved. A module that updates
+    its tables inside backward (fbgemm's fused TBE) exposes that update's learning rate as an
+    ordinary optimizer, `fused_optimizer`; the others have None.
     """
     tables: List[EmbeddingBagConfig]
     feature_names: List[str]
     embedding_dim: int
+    fused_optimizer: Optional[torch.optim.Optimizer] = None
 
     def row_sparse_parameters(self) -> List[nn.Parameter]:
         """The weights an optimizer updates from their row-sparse gradients (none: the module
         updates itself inside backward)."""
         return []
-
-    def set_learning_rate(self, lr: float) -> None:
-        """The tables' learning rate, for a module that updates itself (others ignore it)."""
 
     def canonical_state(self, prefix: str) -> Optional[Tuple[Dict[str, torch.Tensor], set]]:
         """({`<prefix><table name>`: rows x dim}, the own state keys they replace), the same keys

@@ -13,25 +13,43 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from ctrkit.config import SparseOptConfig
 from ctrkit.data.batch import BatchFacts
 from ctrkit.models.embedding import BatchedEmbeddingBags, FeatureSelector, TableModule
 
 FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
-class FusedEmbeddingBags(TableModule):
-    """Same interface as `BatchedEmbeddingBags` (`forward(kjt) -> [B, T, D]`), fused update."""
+class FusedTableOptimizer(torch.optim.Optimizer):
+    """The ordinary optimizer face of tables that update themselves inside backward (as torchrec's
+    fused tables expose `fused_optimizer`): one param group whose `lr` schedules and LR-on-plateau
+    change like any other's, and which the next backward uses; `step()` has nothing left to do.
+    Its state (fbgemm's momentum) is saved with the module's state dict, per table."""
 
-    def __init__(self, source: BatchedEmbeddingBags, opt: SparseOptConfig,
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, module: "FusedEmbeddingBags", lr: float) -> None:
+        super().__init__([module.tbe.weights_host if module.tbe.weights_host.numel()
+                          else module.tbe.weights_dev], {"lr": lr})
+
+    def step(self, closure=None):   # noqa: D102 - the update ran inside backward
+        return None
+
+
+class FusedEmbeddingBags(TableModule):
+    """Same interface as `BatchedEmbeddingBags` (`forward(kjt) -> [B, T, D]`), updated inside
+    backward by fbgemm's `optimizer` (rowwise_adagrad, adagrad or sgd) at the learning rate of
+    `fused_optimizer`."""
+
+    def __init__(self, source: BatchedEmbeddingBags, optimizer: str, lr: float, eps: float = 1e-8,
+                 weight_decay: float = 0.0, device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
+        if optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(f"fused tables: optimizer {optimizer!r} is not one of fbgemm's CPU "
+                             f"optimizers ({', '.join(FUSED_OPTIMIZERS)})")
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
             ComputeDevice, EmbeddingLocation, SplitTableBatchedEmbeddingBagsCodegen)
         kind = {"rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-                "adagrad": EmbOptimType.EXACT_ADAGRAD, "sgd": EmbOptimType.EXACT_SGD}[opt.name]
+                "adagrad": EmbOptimType.EXACT_ADAGRAD, "sgd": EmbOptimType.EXACT_SGD}[optimizer]
         self.tables = source.tables
         self.feature_names = source.feature_names
         self.embedding_dim = source.embedding_dim
@@ -41,8 +59,8 @@ class FusedEmbeddingBags(TableModule):
                  else (EmbeddingLocation.HOST, ComputeDevice.CPU))
         specs = [(t.num_embeddings, t.embedding_dim, *where) for t in source.tables]
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            embedding_specs=specs, optimizer=kind, learning_rate=opt.lr, eps=opt.eps,
-            weight_decay=opt.weight_decay, device=device,
+            embedding_specs=specs, optimizer=kind, learning_rate=lr, eps=eps,
+            weight_decay=weight_decay, device=device,
             pooling_mode=PoolingMode.SUM if source.mode == "sum" else PoolingMode.MEAN)
         with torch.no_grad():
             for i, w in enumerate(self.tbe.split_embedding_weights()):
@@ -52,14 +70,17 @@ class FusedEmbeddingBags(TableModule):
         # instead, so a checkpoint loads on either device.
         self._register_state_dict_hook(_per_table_state)
         self.register_load_state_dict_pre_hook(_load_per_table_state)
+        self._tbe_lr = lr
+        self.fused_optimizer = FusedTableOptimizer(self, lr)
 
     def forward(self, kjt: KeyedJaggedTensor, facts: Optional[BatchFacts] = None) -> torch.Tensor:
         kjt, _ = self.select(kjt, facts if facts is not None else BatchFacts())
+        lr = self.fused_optimizer.param_groups[0]["lr"]
+        if lr != self._tbe_lr:   # the rate this step's backward updates with
+            self.tbe.set_learning_rate(lr)
+            self._tbe_lr = lr
         out = self.tbe(kjt.values().to(torch.int64), kjt.offsets().to(torch.int64))
         return out.view(kjt.stride(), len(self.tables), self.embedding_dim)
-
-    def set_learning_rate(self, lr: float) -> None:
-        self.tbe.set_learning_rate(lr)
 
     def table_weight(self, i: int) -> torch.Tensor:
         return self.tbe.split_embedding_weights()[i]
@@ -96,12 +117,14 @@ def _load_per_table_state(module: "FusedEmbeddingBags", state: dict, prefix: str
         state[f"{prefix}tbe.{k}"] = v
 
 
-def fuse_embeddings(model: nn.Module, opt: SparseOptConfig,
+def fuse_embeddings(model: nn.Module, optimizer: str, lr: float, eps: float = 1e-8,
+                    weight_decay: float = 0.0,
                     device: torch.device = torch.device("cpu")) -> nn.Module:
     """Replace the model's BatchedEmbeddingBags by FusedEmbeddingBags (in place).
 
     fbgemm's TBE needs dimensions that are multiples of 4; other tables (e.g. first-order weights of
-    dimension 1) stay row-sparse and get the same optimizer from `build_optimizers`.
+    dimension 1) stay row-sparse and get the same optimizer from `build_optimizers`, which also
+    lists each fused module's `fused_optimizer`.
     """
     replace: Dict[str, BatchedEmbeddingBags] = {
         n: m for n, m in model.named_modules()
@@ -109,6 +132,9 @@ def fuse_embeddings(model: nn.Module, opt: SparseOptConfig,
     for name, module in replace.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FusedEmbeddingBags(module, opt, device)) if not isinstance(parent, nn.ModuleDict) \
-            else parent.__setitem__(child, FusedEmbeddingBags(module, opt, device))
+        fused = FusedEmbeddingBags(module, optimizer, lr, eps, weight_decay, device)
+        if isinstance(parent, nn.ModuleDict):
+            parent[child] = fused
+        else:
+            setattr(parent, child, fused)
     return model

@@ -89,4 +89,15 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
                                          rowwise=s.name == "rowwise_adagrad"))
         else:
             opts.append(RowSparseSGD(sparse, lr=lr, weight_decay=s.weight_decay))
-    return opts
+    return opts + fused_optimizers(model, rates.tables)
+
+
+def fused_optimizers(model: nn.Module, lr: float) -> List[torch.optim.Optimizer]:
+    """The `fused_optimizer` of each table module that updates itself inside backward (fbgemm's
+    TBE), starting at `lr`."""
+    out = [m.fused_optimizer for m in model.modules()
+           if isinstance(m, TableModule) and m.fused_optimizer is not None]
+    for o in out:
+        for g in o.param_groups:
+            g["lr"] = lr
+    return out

@@ -24,7 +24,7 @@ worker touched cost nothing.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn

@@ -33,7 +33,7 @@ from ctrkit.config import Config
 from ctrkit.distributed.runtime import DistEnv, comm_device, gather_floats, network_average
 from ctrkit.distributed.sharding import check_grid
 from ctrkit.errors import ConfigError
-from ctrkit.optim.build import LearningRates, build_optimizers, split_parameters
+from ctrkit.optim.build import LearningRates, build_optimizers, fused_optimizers, split_parameters
 from ctrkit.optim.decentralized import DecentralizedOptimizer
 from ctrkit.registry import STRATEGIES
 from ctrkit.metrics import evaluate_split
@@ -140,7 +140,7 @@ class Strategy:
                 model, "damsgrad", single_worker(), 0, exchange, dense_lr=rates.dense,
                 sparse_lr=rates.tables, betas=tuple(self.cfg.optimizer.sparse.betas), eps=dc.eps,
                 rowwise=dc.rowwise_tracker, bias_correction=dc.bias_correction,
-                gossip_tol=dc.gossip_tol)]
+                gossip_tol=dc.gossip_tol)] + fused_optimizers(model, rates.tables)
         else:
             self.optimizers = build_optimizers(model, self.cfg.optimizer, rates)
         return self.optimizers

@@ -9,7 +9,6 @@ every rank still has, so a restart or resume loads one step on every rank.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import zipfile

@@ -70,7 +70,8 @@ def build_training_model(cfg: Config, schema: Schema,
     `optimizer.sparse.fused`."""
     model = build_model(cfg.model, schema)
     if cfg.optimizer.sparse.fused:
-        fuse_embeddings(model, cfg.optimizer.sparse, device)
+        s = cfg.optimizer.sparse
+        fuse_embeddings(model, s.name, s.lr, s.eps, s.weight_decay, device)
     return model.to(device)
 
 

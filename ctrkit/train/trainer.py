@@ -22,7 +22,6 @@ from ctrkit.config import Config
 from ctrkit.data.schema import Schema
 from ctrkit.distributed.runtime import DistEnv, broadcast_flag
 from ctrkit.errors import CtrkitError, Interrupted
-from ctrkit.models.embedding import TableModule
 from ctrkit.optim.schedule import apply_schedule
 from ctrkit.train.checkpoint import rng_state, set_rng_state
 from ctrkit.train.checkpointing import mismatch
@@ -82,7 +81,6 @@ class Trainer:
         for batch in self.train_loader:
             if planned:
                 apply_schedule(self.optimizers, self.cfg.optimizer.schedule, self.step, planned)
-                self._sync_fused_lr()
             loss = self.train_step(batch)
             self.step += 1
             injected_fault(self.step, self.env.rank)
@@ -176,7 +174,6 @@ class Trainer:
             self.bad_evals += 1
         for s in self.plateau:
             s.step(value)
-        self._sync_fused_lr()
         stop = broadcast_flag(tc.early_stop.enabled and self.bad_evals >= tc.early_stop.patience,
                               self.env)
         self.stopped_early = self.stopped_early or stop
@@ -225,16 +222,6 @@ class Trainer:
     def _lr(self) -> float:
         return float(self.optimizers[0].param_groups[0]["lr"]) if self.optimizers else 0.0
 
-    def _sync_fused_lr(self) -> None:
-        """Schedules and LR-on-plateau scale the learning rate of tables that update themselves
-        (fbgemm's fused TBE) as the dense one's."""
-        if not self.optimizers:
-            return
-        scale = self._lr() / self.rates.dense
-        for m in self.model.modules():
-            if isinstance(m, TableModule):
-                m.set_learning_rate(self.rates.tables * scale)
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(),
@@ -266,4 +253,3 @@ class Trainer:
             print(f"ctrkit: the checkpoint has {why}; train.ema_decay={self.ema.decay} starts a "
                   f"new one at step {self.step}", flush=True)
         self.strategy.load_state_dict(st)
-        self._sync_fused_lr()
