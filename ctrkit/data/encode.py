@@ -3,19 +3,20 @@
 `RowEncoder(schema).encode(batch, layout)` gives the ids and dense values `prepare` writes for the
 same rows: the same column transforms (ctrkit/data/transforms.py), a value of the training
 vocabulary gets its id (2..), any other value the out-of-vocabulary id 0, a missing one id 1.
-Each vocabulary is loaded once into a hash index; a batch looks up only its distinct values.
+Each vocabulary is loaded once into a hash index (ctrkit/data/hashing.py); a batch looks up only
+its distinct values.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
 
 from ctrkit.data.formats import Feature, Layout
+from ctrkit.data.hashing import VocabIndex
 from ctrkit.data.transforms import dense_column, sparse_column
 from ctrkit.data.schema import MISSING_ID, OOV_ID, Schema
 from ctrkit.errors import CtrkitError
@@ -26,7 +27,7 @@ class RowEncoder:
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
-        self._index: Dict[str, pd.Index] = {}
+        self._index: Dict[str, VocabIndex] = {}
 
     def check(self, layout: Layout, where: str) -> None:
         """The file's features must be the ones the model was trained on, in the same order."""
@@ -36,7 +37,7 @@ class RowEncoder:
             raise CtrkitError(f"{where}: its features {[n for n, _ in have][:6]}... are not the "
                               f"ones the model was trained on ({[n for n, _ in want][:6]}...)")
 
-    def index(self, name: str) -> pd.Index:
+    def index(self, name: str) -> VocabIndex:
         """The training vocabulary of feature `name`: position i holds the value of id i + 2."""
         ix = self._index.get(name)
         if ix is None:
@@ -45,15 +46,12 @@ class RowEncoder:
                 values = feather.read_table(str(path), columns=["value"]).column("value")
             except (OSError, pa.ArrowInvalid, KeyError) as e:
                 raise CtrkitError(f"{path}: unreadable vocabulary ({e})".splitlines()[0]) from None
-            ix = self._index[name] = pd.Index(values.to_numpy(), dtype=object)
+            ix = self._index[name] = VocabIndex(values.combine_chunks())
         return ix
 
     def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
         d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
-        values = d.dictionary
-        if not pa.types.is_string(values.type):   # (the vocabularies hold strings)
-            values = values.cast(pa.string())
-        found = self.index(f.name).get_indexer(values.to_numpy(zero_copy_only=False))
+        found = self.index(f.name).positions(d.dictionary)
         remap = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
         idx = pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False)
         return np.append(remap, np.int32(MISSING_ID))[idx]   # (-1, missing, picks the last slot)
