@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ctrkit.distributed.runtime import report_rank_error
-from ctrkit.errors import CtrkitError, Interrupted
+from ctrkit.errors import CtrkitError, Interrupted, report_rank_error
 from ctrkit.ownership import is_disk_error
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -88,8 +88,9 @@ class DataConfig(_Strict):
                                                                  "(part-NNNNN folder).")
     read_block_mb: int = Field(default=16, ge=1, description="Block size of the CSV reader for "
                                "files read in blocks (speed only).")
-    read_whole_mb: int = Field(default=1024, ge=0, description="Files up to this size are parsed "
-                               "in one parallel read (speed only).")
+    read_whole_mb: int = Field(default=64, ge=0, description="Files up to this size are parsed "
+                               "in one parallel read (speed only; larger files stream in blocks of "
+                               "read_block_mb, so memory does not grow with them).")
 
     @field_validator("format")
     @classmethod

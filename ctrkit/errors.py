@@ -1,6 +1,10 @@
 """Errors that the CLI turns into one-line messages and a non-zero exit (never a traceback)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -43,3 +47,12 @@ class Interrupted(CtrkitError):
         self.step, self.checkpoint = step, str(checkpoint)
         super().__init__(f"interrupted at step {step}; saved {checkpoint}" if step is not None else
                          f"interrupted; the last complete checkpoint is in {checkpoint}")
+
+
+def report_rank_error(message: str) -> None:
+    """Under torchrun, leave this rank's one-line error where the launcher reads it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time()),
+                                              "ctrkit_time": time.time()}))

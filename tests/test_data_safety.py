@@ -293,10 +293,11 @@ def test_disk_full_while_writing_shards(capsys, raw, tmp_path, monkeypatch):
 
     import ctrkit.data.preprocess as pp
 
-    def full(root, *a, **k):
-        (root / "train").mkdir()
-        raise OSError(errno.ENOSPC, "No space left on device", str(root / "train" / "x.npy"))
-    monkeypatch.setattr(pp, "write_shards", full)
+    class Full(pp.ShardWriter):
+        def _flush(self):
+            (self.root / "train").mkdir(exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.root / "train" / "x.npy"))
+    monkeypatch.setattr(pp, "ShardWriter", Full)
     code, err = _run(capsys, "prepare", f"data.train={raw / 'train.tsv'}",
                      f"data.prepared_dir={tmp_path / 'prep'}", "--quiet")
     assert code == 2 and "No space left on device" in err

@@ -6,9 +6,7 @@ disjoint slice of every shard. Resuming skips batches by position without readin
 """
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Iterable, Iterator, List, Optional, TypeVar
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -16,10 +14,10 @@ from torchrec import KeyedJaggedTensor
 
 from ctrkit.data.batch import Batch, BatchFacts
 from ctrkit.data.ids import distinct_ids
+from ctrkit.data.prefetch import prefetch
 from ctrkit.data.schema import Schema
 from ctrkit.data.shards import load_shard
 
-T = TypeVar("T")
 
 
 class BatchLoader:
@@ -106,43 +104,6 @@ class BatchLoader:
         made = (self._make(parts) for parts in plan)
         yield from (made if self.prefetch <= 0 else
                     prefetch(made, self.prefetch, name=f"ctrkit-loader-{self.split}"))
-
-
-def prefetch(items: Iterable[T], depth: int, name: str = "ctrkit-prefetch") -> Iterator[T]:
-    """`items`, made `depth` ahead in a thread of their own (numpy, pyarrow and most torch work
-    release the GIL, so making the next ones overlaps using this one). An error raised while
-    making them is raised here, in order; closing the iterator early stops the thread."""
-    q: "queue.Queue[tuple]" = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((True, item))
-        except BaseException as e:  # surfaced in the consumer
-            q.put((False, e))
-            return
-        q.put((False, None))
-
-    t = threading.Thread(target=work, daemon=True, name=name)
-    t.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(timeout=0.01)
 
 
 def make_batch(keys: List[str], sparse: np.ndarray, dense: np.ndarray, labels: np.ndarray,

@@ -1,10 +1,15 @@
-"""`prepare`: raw files -> vocabularies + encoded columnar shards + schema.json.
+"""`prepare`: raw files -> vocabularies + encoded row-major shards + schema.json, streaming.
 
-Each split is read once with pyarrow. Categorical columns are dictionary-encoded per record batch
-(one C++ hash pass over the rows), batch dictionaries are merged into one set of distinct values per
-split, and the training split's counts pick the vocabulary: values seen at least `min_count` times
-get ids 2.. (most frequent first), rarer ones share the out-of-vocabulary id 0, missing values id 1.
-Valid/test values are looked up in the training vocabulary once per distinct value, not per row.
+No split is ever held in memory; files are read in record batches.
+- Pass 1 reads the training split and counts each categorical feature's values
+  (ctrkit/data/vocab.py: memory is the number of distinct values, not of rows); the counts pick
+  the vocabulary: values seen at least `min_count` times get ids 2.. (most frequent first), rarer
+  ones share the out-of-vocabulary id 0, missing values id 1.
+- Pass 2 reads every split and encodes each batch with those vocabularies, exactly as `predict`
+  encodes new rows (ctrkit/data/encode.py), into shards of `shard_rows` rows written as each fills
+  (ctrkit/data/shards.py).
+Peak memory is the vocabularies, one read block and one shard, whatever the number of rows. A
+training file that changes between the passes is an error, not a half-consistent folder.
 """
 from __future__ import annotations
 
@@ -14,28 +19,28 @@ import os
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.feather as feather
 from tqdm import tqdm
 
 from ctrkit.config import Config, DataConfig
-from ctrkit.data.formats import Layout, resolve_layout
-from ctrkit.data.reader import ReadStats, iter_batches
+from ctrkit.data.encode import RowEncoder
 from ctrkit.data.fingerprint import first_difference, fingerprint
-from ctrkit.data.schema import MISSING_ID, OOV_ID, SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
-from ctrkit.data.shards import write_shards
-from ctrkit.data.transforms import dense_column, sparse_column
-from ctrkit.errors import ConfigError, CtrkitError
+from ctrkit.data.formats import Layout, resolve_layout
+from ctrkit.data.prefetch import prefetch
+from ctrkit.data.reader import ReadStats, iter_batches
+from ctrkit.data.schema import SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
+from ctrkit.data.shards import ShardWriter
+from ctrkit.data.transforms import sparse_column
+from ctrkit.data.vocab import ValueCounter, fit_vocab
+from ctrkit.errors import ConfigError, CtrkitError, DataError
 from ctrkit.ownership import OwnedFolder, check_disjoint, check_folder, is_disk_error, write_error
 
 SPLITS = ("train", "valid", "test")
+READ_AHEAD = 2   # record batches read ahead of the one being counted or encoded
 
 
 def split_files(pattern: str) -> List[Path]:
@@ -47,89 +52,6 @@ def split_files(pattern: str) -> List[Path]:
         if not Path(m).is_file():
             raise ConfigError(f"{m}: file not found")
     return [Path(m) for m in matches]
-
-
-@dataclass
-class _Encoded:
-    """One split held as per-batch dictionary arrays, until vocabularies are known."""
-
-    chunks: Dict[str, List[pa.DictionaryArray]] = field(default_factory=dict)
-    dense: Dict[str, List[pa.Array]] = field(default_factory=dict)     # raw numeric columns
-    labels: List[np.ndarray] = field(default_factory=list)
-    rows: int = 0
-
-
-def _read_split(files: List[Path], cfg: DataConfig, stats: ReadStats, progress: bool,
-                desc: str) -> tuple:
-    enc = _Encoded()
-    layout: Optional[Layout] = None
-    bar = tqdm(desc=f"prepare {desc}", unit=" rows", disable=not progress, mininterval=1.0)
-    for path in files:
-        layout = resolve_layout(cfg, path)
-        for batch in iter_batches(path, layout, cfg.read_block_mb, stats, cfg.skip_bad_rows,
-                                  cfg.read_whole_mb):
-            for f in layout.sparse:
-                col = sparse_column(batch, f)   # plain categoricals arrive encoded by the parser
-                d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
-                enc.chunks.setdefault(f.name, []).append(d)
-            for f in layout.dense:
-                enc.dense.setdefault(f.name, []).append(batch.column(f.source))
-            enc.labels.append(batch.column(layout.label).to_numpy(zero_copy_only=False)
-                              .astype(np.float32))
-            enc.rows += batch.num_rows
-            bar.update(batch.num_rows)
-    bar.close()
-    return enc, layout
-
-
-def _split_ids(chunks: List[pa.DictionaryArray]) -> tuple:
-    """Distinct values of a split and each row's index into them (-1 = missing).
-
-    `unify_dictionaries` merges the per-batch dictionaries and remaps the indices in C++."""
-    if not chunks:
-        return pa.array([], pa.string()), np.zeros(0, np.int64)
-    if len({c.type for c in chunks}) > 1:   # e.g. parquet files typed differently
-        chunks = [c.cast(pa.dictionary(pa.int32(), pa.string())) for c in chunks]
-    col = pa.chunked_array(chunks, type=chunks[0].type).unify_dictionaries()
-    values = col.chunk(0).dictionary
-    idx = pa.chunked_array([c.indices for c in col.chunks], type=col.type.index_type).combine_chunks()
-    return values, pc.fill_null(idx, -1).to_numpy(zero_copy_only=False)
-
-
-def _fit_vocab(values: pa.Array, gids: np.ndarray, min_count: int) -> tuple:
-    counts = np.bincount(gids + 1, minlength=len(values) + 1)[1:]   # slot 0 counts missing
-    order = np.argsort(-counts, kind="stable")
-    order = order[counts[order] >= min_count]
-    remap = np.full(len(values), OOV_ID, dtype=np.int32)
-    remap[order] = np.arange(len(order), dtype=np.int32) + 2
-    vocab = values.take(pa.array(order))
-    return vocab, counts[order], remap
-
-
-def _lookup(values: pa.Array, vocab: pa.Array) -> np.ndarray:
-    if len(values) == 0:
-        return np.zeros(0, np.int32)
-    if values.type != vocab.type:
-        values, vocab = values.cast(pa.string()), vocab.cast(pa.string())
-    idx = pc.index_in(values, value_set=vocab)
-    out = idx.to_numpy(zero_copy_only=False)
-    found = ~idx.is_null().to_numpy(zero_copy_only=False)
-    return np.where(found, np.nan_to_num(out, nan=0).astype(np.int64) + 2, OOV_ID).astype(np.int32)
-
-
-def _encode_feature(chunks: List[pa.DictionaryArray], vocab: Optional[tuple],
-                    min_count: int) -> tuple:
-    """One feature's final ids as a contiguous int32 column, and (training split only, `vocab`
-    None) the fitted vocabulary."""
-    values, gids = _split_ids(chunks)
-    fitted = None
-    if vocab is None:
-        vocab_values, counts, remap = _fit_vocab(values, gids, min_count)
-        fitted = (vocab_values, counts)
-    else:
-        remap = _lookup(values, vocab[0])
-    # One gather: missing (-1) picks the appended last slot.
-    return np.take(np.append(remap, np.int32(MISSING_ID)).astype(np.int32), gids), fitted
 
 
 PREPARED = "prepared folder"
@@ -251,47 +173,78 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
 
 
 def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progress: bool) -> Schema:
-    vocabs: Dict[str, tuple] = {}
-    infos: Dict[str, SplitInfo] = {}
-    layout = None
+    layout = resolve_layout(dc, files["train"][0])
+    stamps = {p: _stamp(p) for fs in files.values() for p in fs}
+    counted = ReadStats()
+    feats = _fit_vocabularies(dc, files["train"], layout, tmp, counted, progress)
+    schema = Schema(format=dc.format, label=layout.label, features=feats, splits={}, root=tmp)
+    encoder = RowEncoder(schema)
     for split, fs in files.items():
         stats = ReadStats()
-        enc, lay = _read_split(fs, dc, stats, progress, split)
-        layout = layout or lay
-        # Features are independent and numpy/pyarrow release the GIL: one thread per core.
-        sparse, dense = [], []
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            jobs = {f.name: pool.submit(_encode_feature, enc.chunks.pop(f.name, []),
-                                        vocabs.get(f.name) if split != "train" else None,
-                                        f.min_count)
-                    for f in layout.sparse}
-            dense_jobs = [pool.submit(dense_column, enc.dense.pop(f.name, []), f, enc.rows)
-                          for f in layout.dense]
-            for name, job in jobs.items():
-                ids, fitted = job.result()
-                sparse.append(ids)
-                if fitted is not None:
-                    vocabs[name] = fitted
-            dense = [job.result() for job in dense_jobs]
-        labels = np.concatenate(enc.labels) if enc.labels else np.zeros(0, np.float32)
-        shards = write_shards(tmp, split, sparse, dense, labels, dc.shard_rows)
-        stats.rows_written = int(labels.shape[0])
+        writer = ShardWriter(tmp, split, len(layout.sparse), len(layout.dense), dc.shard_rows)
+        bar = tqdm(desc=f"prepare {split}", unit=" rows", disable=not progress, mininterval=1.0)
+        for path, lay, batch in _batches(dc, fs, stats):
+            encoder.check(lay, str(path))
+            sparse, dense, labels = encoder.encode(batch, lay)
+            writer.add(sparse, dense, labels)
+            bar.update(batch.num_rows)
+        bar.close()
+        for path in fs:
+            if _stamp(path) != stamps[path]:
+                raise DataError(path, "changed while being prepared; prepare again")
+        if split == "train" and stats.rows_read != counted.rows_read:
+            raise DataError(fs[0], f"changed while being prepared ({counted.rows_read} rows "
+                                   f"counted, {stats.rows_read} encoded); prepare again")
+        shards = writer.close()
+        stats.rows_written = writer.rows
         d = stats.as_dict()
-        infos[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
-                                 rows_written=d["rows_written"], rows_skipped=d["rows_skipped"],
-                                 skipped=d["skipped"], shards=shards,
-                                 positives=int(labels.sum()))
+        schema.splits[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
+                                         rows_written=d["rows_written"],
+                                         rows_skipped=d["rows_skipped"], skipped=d["skipped"],
+                                         shards=shards, positives=int(writer.positives))
+    schema.root = None
+    return schema
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _batches(dc: DataConfig, files: List[Path], stats: ReadStats):
+    """(file, its layout, record batch) for every batch of the files, read a few batches ahead in
+    a thread while the caller works on this one."""
+    def read():
+        for path in files:
+            layout = resolve_layout(dc, path)
+            for batch in iter_batches(path, layout, dc.read_block_mb, stats, dc.skip_bad_rows,
+                                      dc.read_whole_mb):
+                yield path, layout, batch
+    return prefetch(read(), READ_AHEAD, name="ctrkit-prepare-read")
+
+
+def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Path,
+                      stats: ReadStats, progress: bool) -> List[FeatureInfo]:
+    """Pass 1: count the training split's values, write each vocabulary (vocab/<feature>.arrow:
+    value, count; id i + 2 is row i) and return the features' schema entries."""
+    counters = {f.name: ValueCounter() for f in layout.sparse}
+    bar = tqdm(desc="prepare count", unit=" rows", disable=not progress, mininterval=1.0)
+    for _, lay, batch in _batches(dc, files, stats):
+        for f in lay.sparse:
+            counters[f.name].add(sparse_column(batch, f))
+        bar.update(batch.num_rows)
+    bar.close()
     vdir = tmp / "vocab"
     vdir.mkdir()
     feats = []
     for f in layout.features:
-        if f.is_sparse:
-            vocab, counts = vocabs[f.name]
-            feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
-                                            "count": pa.array(counts, pa.int64())}),
-                                  str(vdir / f"{f.name}.arrow"))
-            feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
-                                     vocab_size=len(vocab) + 2, min_count=f.min_count))
-        else:
+        if not f.is_sparse:
             feats.append(FeatureInfo(f.name, "dense", f.source, f.transform))
-    return Schema(format=dc.format, label=layout.label, features=feats, splits=infos)
+            continue
+        vocab, counts = fit_vocab(*counters.pop(f.name).result(), f.min_count)
+        feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
+                                        "count": pa.array(counts, pa.int64())}),
+                              str(vdir / f"{f.name}.arrow"))
+        feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
+                                 vocab_size=len(vocab) + 2, min_count=f.min_count))
+    return feats

@@ -1,4 +1,5 @@
-"""Encoded shards: one folder per shard holding row-major numpy arrays (memory-mappable).
+"""Encoded shards: one folder per shard holding row-major numpy arrays (memory-mappable), written
+by `ShardWriter` as rows arrive.
 
 `sparse.npy` is [rows, features] int32 ids, `dense.npy` [rows, dense features] float32,
 `label.npy` [rows] float32. Row-major order keeps one sample's ids in one or two cache lines, so a
@@ -8,52 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import List
 
 import numpy as np
-
-
-def write_shards(root: Path, split: str, sparse: Sequence[np.ndarray], dense: Sequence[np.ndarray],
-                 labels: np.ndarray, shard_rows: int) -> List[str]:
-    """Write per-feature id columns and dense columns as row-major shards of `shard_rows` rows.
-
-    The columns come in one contiguous array per feature (how `prepare` encodes them, one feature
-    per thread). Each shard's row-major `.npy` is written in row blocks transposed in a small
-    buffer: no [rows, features] matrix is ever allocated, and no column is written with a stride
-    (a strided column write touched one cache line per row: ~20 ms per feature per 1M rows)."""
-    names = []
-    n = labels.shape[0]
-    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
-        end = min(n, start + shard_rows)
-        name = f"{split}/part-{i:05d}"
-        d = root / name
-        d.mkdir(parents=True)
-        _save_rows(d / "sparse.npy", sparse, start, end, np.int32)
-        _save_rows(d / "dense.npy", dense, start, end, np.float32)
-        np.save(d / "label.npy", np.ascontiguousarray(labels[start:end]))
-        names.append(name)
-    return names
-
-
-_BLOCK_ROWS = 8192   # 26 features x 8192 rows x 4 bytes: the transposed block stays in L2
-
-
-def _save_rows(path: Path, columns: Sequence[np.ndarray], start: int, end: int,
-               dtype: type) -> None:
-    """rows start..end of the columns, as one [rows, len(columns)] `.npy` file."""
-    rows, width = int(end - start), len(columns)   # Python ints: numpy ints corrupt the header
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
-            np.dtype(dtype)), "fortran_order": False, "shape": (rows, width)})
-        if not rows or not width:
-            return
-        buf = np.empty((min(_BLOCK_ROWS, rows), width), dtype)
-        for s in range(start, end, _BLOCK_ROWS):
-            e = min(end, s + _BLOCK_ROWS)
-            block = buf[:e - s]
-            for j, col in enumerate(columns):
-                block[:, j] = col[s:e]
-            f.write(block.data)
 
 
 @dataclass
@@ -72,3 +30,59 @@ def load_shard(root: Path, name: str, mmap: bool = True) -> Shard:
     d = Path(root) / name
     return Shard(np.load(d / "sparse.npy", mmap_mode=mode), np.load(d / "dense.npy", mmap_mode=mode),
                  np.load(d / "label.npy", mmap_mode=mode))
+
+
+class ShardWriter:
+    """Rows arriving batch by batch ([B, F] ids, [B, D] dense, [B] labels), written as shards of
+    `shard_rows` rows (`<split>/part-00000`, ...) the moment one is full: memory is one shard's
+    buffer, whatever the split's length. `close()` writes the rest (one empty shard for a split
+    without rows) and returns the shards' names."""
+
+    def __init__(self, root: Path, split: str, n_sparse: int, n_dense: int,
+                 shard_rows: int) -> None:
+        self.root, self.split, self.shard_rows = root, split, shard_rows
+        self.sparse = np.empty((shard_rows, n_sparse), np.int32)   # (pages are touched only
+        self.dense = np.empty((shard_rows, n_dense), np.float32)   # as rows arrive)
+        self.labels = np.empty(shard_rows, np.float32)
+        self.fill = 0
+        self.rows = 0
+        self.positives = 0.0
+        self.names: List[str] = []
+
+    def add(self, sparse: np.ndarray, dense: np.ndarray, labels: np.ndarray) -> None:
+        start = 0
+        while start < len(labels):
+            take = min(len(labels) - start, self.shard_rows - self.fill)
+            end = start + take
+            self.sparse[self.fill:self.fill + take] = sparse[start:end]
+            self.dense[self.fill:self.fill + take] = dense[start:end]
+            self.labels[self.fill:self.fill + take] = labels[start:end]
+            self.fill += take
+            start = end
+            if self.fill == self.shard_rows:
+                self._flush()
+        self.rows += len(labels)
+        self.positives += float(labels.sum())
+
+    def close(self) -> List[str]:
+        if self.fill or not self.names:
+            self._flush()
+        return self.names
+
+    def _flush(self) -> None:
+        d = self.root / f"{self.split}/part-{len(self.names):05d}"
+        d.mkdir(parents=True)
+        _save_matrix(d / "sparse.npy", self.sparse[:self.fill])
+        _save_matrix(d / "dense.npy", self.dense[:self.fill])
+        np.save(d / "label.npy", np.ascontiguousarray(self.labels[:self.fill]))
+        self.names.append(f"{self.split}/part-{len(self.names):05d}")
+        self.fill = 0
+
+
+def _save_matrix(path: Path, rows: np.ndarray) -> None:
+    """A row-major [rows, width] array as `.npy` (the header np.save writes for it)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+            rows.dtype), "fortran_order": False, "shape": (int(rows.shape[0]), int(rows.shape[1]))})
+        if rows.size:
+            f.write(np.ascontiguousarray(rows).data)

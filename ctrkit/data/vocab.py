@@ -22,7 +22,7 @@ class ValueCounter:
     (and at least `merge_rows` entries), all are merged in one hash pass (`dictionary_encode` of the
     concatenation keeps first-appearance order), so each value is hashed O(log) times overall."""
 
-    def __init__(self, merge_rows: int = 1 << 20) -> None:
+    def __init__(self, merge_rows: int = 1 << 16) -> None:
         self.values: Optional[pa.Array] = None
         self.counts = np.zeros(0, np.int64)
         self._pending: List[Tuple[pa.Array, np.ndarray]] = []

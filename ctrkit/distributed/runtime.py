@@ -4,7 +4,6 @@ started by `torchrun --nproc_per_node N -m ctrkit train cfg` (or multi-node, wit
 endpoint) is picked up from the environment. gloo on CPU, NCCL on GPU."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -128,7 +127,7 @@ def launch_workers(cfg: Config, run_dir: Path,
 
 def _first_failure(failures) -> Optional[str]:
     """The rank error that came first (ranks write theirs into torch's error file, see
-    `report_rank_error`): the root cause, not a peer's report of its consequence."""
+    `ctrkit.errors.report_rank_error`): the root cause, not a peer's report of its consequence."""
     def key(f):
         data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
         return (data.get("ctrkit_time", float("inf")), f.local_rank)
@@ -138,17 +137,6 @@ def _first_failure(failures) -> Optional[str]:
     if isinstance(first.error_file_data, dict) and "ctrkit_time" in first.error_file_data:
         return str(first.message)
     return f"rank {first.local_rank} exited with code {first.exitcode}"
-
-
-def report_rank_error(message: str) -> None:
-    """Under torchrun, leave this rank's one-line error where the launcher reads it."""
-    import json
-    import time
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        with contextlib.suppress(OSError):
-            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time()),
-                                              "ctrkit_time": time.time()}))
 
 
 def is_comm_failure(e: BaseException) -> bool:

@@ -1,0 +1,73 @@
+"""Streaming vocabularies: counts merged over batches equal counting the whole split at once, and
+a training file that changes between prepare's two passes is an error, not a prepared folder."""
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import ctrkit.data.preprocess as pp
+from ctrkit.cli import main
+from ctrkit.data.synth import write_synthetic
+from ctrkit.data.vocab import ValueCounter, fit_vocab
+
+
+def _whole(values):
+    """Reference: distinct values in order of first appearance and their counts, in Python."""
+    counts = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    return list(counts), np.array(list(counts.values()), np.int64)
+
+
+@pytest.mark.parametrize("merge_rows", [1, 3, 1 << 16])
+def test_counts_merged_over_batches_equal_the_whole_split(merge_rows):
+    rng = np.random.default_rng(0)
+    pool = [f"v{i}" for i in range(40)] + [None]
+    values = [pool[i] for i in rng.zipf(1.5, 2000) % len(pool)]
+    c = ValueCounter(merge_rows=merge_rows)
+    for s in range(0, len(values), 97):
+        part = pa.array(values[s:s + 97])
+        c.add(pc.dictionary_encode(part) if s % 2 else part)   # both kinds of column
+    got_values, got_counts = c.result()
+    want_values, want_counts = _whole(values)
+    assert got_values.to_pylist() == want_values
+    assert np.array_equal(got_counts, want_counts)
+    vocab, counts = fit_vocab(got_values, got_counts, min_count=2)
+    order = sorted(range(len(want_values)), key=lambda i: (-want_counts[i], i))
+    keep = [i for i in order if want_counts[i] >= 2]
+    assert vocab.to_pylist() == [want_values[i] for i in keep]
+    assert counts.tolist() == [int(want_counts[i]) for i in keep]
+    assert fit_vocab(got_values, got_counts, 1, max_size=3)[0].to_pylist() == \
+        [want_values[i] for i in order[:3]]
+
+
+def test_files_typed_differently_merge_as_strings():
+    c = ValueCounter(merge_rows=1)
+    c.add(pa.array([5, 7, 5]))
+    c.add(pa.array(["7", "x"]))
+    values, counts = c.result()
+    assert values.to_pylist() == ["5", "7", "x"] and counts.tolist() == [2, 2, 1]
+
+
+def test_a_file_changed_between_the_passes_is_an_error(tmp_path, monkeypatch, capsys):
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 2000, seed=1, card_scale=0.01, progress=False)
+    train = tmp_path / "train.tsv"
+    shutil.copy(raw / "train.tsv", train)
+    fit = pp._fit_vocabularies
+
+    def fit_then_append(*a, **k):
+        out = fit(*a, **k)
+        with open(train, "ab") as f:   # another process appends while prepare runs
+            f.write((raw / "train.tsv").read_bytes().splitlines(keepends=True)[0])
+        return out
+    monkeypatch.setattr(pp, "_fit_vocabularies", fit_then_append)
+    code = main(["prepare", f"data.train={train}", f"data.prepared_dir={tmp_path / 'prep'}",
+                 "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "changed while being prepared" in err and str(train) in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "prep" / "schema.json").exists()
