@@ -46,6 +46,12 @@ class FeatureSpec(_Strict):
                                   "data.dense_transform).")
     min_count: Optional[int] = Field(default=None, ge=1, description="As data.min_count, for this "
                                                                      "feature (default: data.min_count).")
+    vocab: Optional[Literal["count", "hash"]] = Field(default=None, description=(
+        "As data.vocab, for this feature (default: data.vocab)."))
+    max_size: Optional[int] = Field(default=None, ge=1, description=(
+        "As data.max_size, for this feature (default: data.max_size)."))
+    hash_buckets: Optional[int] = Field(default=None, ge=1, le=2_000_000_000, description=(
+        "As data.hash_buckets, for this feature (default: data.hash_buckets)."))
 
 
 class DataConfig(_Strict):
@@ -73,6 +79,16 @@ class DataConfig(_Strict):
                                                     "is `label`, Avazu's `click`).")
     min_count: int = Field(default=1, ge=1, description="Values seen fewer times in the training "
                            "split share the out-of-vocabulary id 0.")
+    vocab: Literal["count", "hash"] = Field(default="count", description=(
+        "How categorical values get ids. `count`: a vocabulary fitted on the training split "
+        "(values seen min_count times, the max_size most frequent; the rest share id 0); `hash`: "
+        "id 2 + FNV-1a-64(value) mod hash_buckets, no fitting pass and no vocabulary in memory "
+        "(ctrkit/data/hashing.py)."))
+    max_size: Optional[int] = Field(default=None, ge=1, description=(
+        "vocab count: keep at most this many values per feature, the most frequent (null: all "
+        "seen min_count times)."))
+    hash_buckets: Optional[int] = Field(default=None, ge=1, le=2_000_000_000, description=(
+        "vocab hash: ids per feature (its table has hash_buckets + 2 rows); required there."))
     dense_transform: Literal["none", "log", "criteo_bucket"] = Field(
         default="log", description="Numeric features: `log` sign(x)·log1p|x| as a dense input; "
                                    "`criteo_bucket` floor(ln(x)^2) buckets as a categorical "
@@ -96,6 +112,19 @@ class DataConfig(_Strict):
     @classmethod
     def _registered_format(cls, v: str) -> str:
         return FORMATS.check(v, "format")
+
+    @model_validator(mode="after")
+    def _hash_needs_buckets(self) -> "DataConfig":
+        for where, f in [("data", self)] + [(f"data.features.{x.name}", x)
+                                            for x in self.features or []]:
+            vocab = f.vocab or self.vocab
+            if vocab == "hash" and (f.hash_buckets or self.hash_buckets) is None:
+                raise ValueError(f"{where}.vocab=hash needs data.hash_buckets (or the feature's "
+                                 "hash_buckets): the number of ids")
+            if vocab == "hash" and f.max_size is not None:
+                raise ValueError(f"{where}.max_size is for vocab=count (hashed ids have "
+                                 "hash_buckets)")
+        return self
 
     @model_validator(mode="after")
     def _generic_needs_features(self) -> "DataConfig":

@@ -37,6 +37,17 @@ def text(col: pa.Array, f: dict) -> pa.Array:
     return col if f["fill"] is None else pc.fill_null(col, str(f["fill"]))
 
 
+def fnv1a64(k: pa.Array) -> np.ndarray:
+    """FNV-1a 64 of each string's UTF-8 bytes, byte position by byte position for all at once."""
+    off = np.frombuffer(k.buffers()[1], np.int32)[k.offset:k.offset + len(k) + 1].astype(np.int64)
+    data = np.frombuffer(k.buffers()[2] or b"", np.uint8)
+    h, n = np.full(len(k), 0xCBF29CE484222325, np.uint64), off[1:] - off[:-1]
+    for j in range(int(n.max(initial=0))):
+        a = np.flatnonzero(n > j)
+        h[a] = (h[a] ^ data[off[a] + j]) * np.uint64(0x100000001B3)
+    return h
+
+
 def main(export: Path, path: str, out=None) -> None:
     spec = json.loads((export / "preprocess.json").read_text())
     t = read(spec["raw"], path, sorted({f["source"] for f in spec["dense"] + spec["sparse"]}))
@@ -48,8 +59,11 @@ def main(export: Path, path: str, out=None) -> None:
         dense[:, j] = np.copysign(np.log1p(np.abs(x)), x) if f["transform"] == "log" else x
     for j, f in enumerate(spec["sparse"]):
         k = text(t[f["source"]].combine_chunks(), f).cast(pa.string())
-        vocab = feather.read_table(str(export / f["vocabulary"]), columns=["value"]).column("value")
-        known = pc.fill_null(pc.add(pc.index_in(k, value_set=vocab), 2), spec["ids"]["oov"])
+        if f["vocabulary"] is None:   # hashed: 2 + fnv1a64(text) mod buckets
+            known = pa.array(fnv1a64(k.fill_null("")) % np.uint64(f["hash"]["buckets"]) + 2)
+        else:
+            vocab = feather.read_table(str(export / f["vocabulary"]), columns=["value"]).column("value")
+            known = pc.fill_null(pc.add(pc.index_in(k, value_set=vocab), 2), spec["ids"]["oov"])
         ids[:, j] = pc.if_else(pc.is_null(k), spec["ids"]["missing"], known).to_numpy()
     model = torch.export.load(str(export / spec["program"]["torch_export"])).module()
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """Raw record batches -> model inputs with a prepared folder's vocabularies, batch by batch.
 
 `RowEncoder(schema).encode(batch, layout)` gives the ids and dense values `prepare` writes for the
-same rows: the same column transforms (ctrkit/data/transforms.py), a value of the training
-vocabulary gets its id (2..), any other value the out-of-vocabulary id 0, a missing one id 1.
+same rows (prepare encodes with it): the same column transforms (ctrkit/data/transforms.py), a
+value of the training vocabulary gets its id (2..), any other value the out-of-vocabulary id 0, a
+missing one id 1; a hashed feature's value gets 2 + FNV-1a-64(value) mod its hash_buckets.
 Each vocabulary is loaded once into a hash index (ctrkit/data/hashing.py); a batch looks up only
 its distinct values.
 """
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.feather as feather
 
 from ctrkit.data.formats import Feature, Layout
-from ctrkit.data.hashing import VocabIndex
+from ctrkit.data.hashing import VocabIndex, fnv1a64
 from ctrkit.data.transforms import dense_column, sparse_column
 from ctrkit.data.schema import MISSING_ID, OOV_ID, Schema
 from ctrkit.errors import CtrkitError
@@ -27,6 +28,7 @@ class RowEncoder:
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
+        self._features = {f.name: f for f in schema.sparse}
         self._index: Dict[str, VocabIndex] = {}
 
     def check(self, layout: Layout, where: str) -> None:
@@ -51,8 +53,12 @@ class RowEncoder:
 
     def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
         d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
-        found = self.index(f.name).positions(d.dictionary)
-        remap = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+        info = self._features[f.name]
+        if info.vocab == "hash":   # every value has a bucket: no out-of-vocabulary id
+            remap = (fnv1a64(d.dictionary) % np.uint64(info.hash_buckets)).astype(np.int32) + 2
+        else:
+            found = self.index(f.name).positions(d.dictionary)
+            remap = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
         idx = pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False)
         return np.append(remap, np.int32(MISSING_ID))[idx]   # (-1, missing, picks the last slot)
 

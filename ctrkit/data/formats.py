@@ -40,6 +40,9 @@ class Feature:
     fill: Optional[object] = None
     min_count: int = 1
     derive: Optional[str] = None   # avazu_hour | avazu_weekday | avazu_weekend
+    vocab: str = "count"           # categorical ids: count (a fitted vocabulary) | hash
+    max_size: Optional[int] = None
+    hash_buckets: int = 0
 
     @property
     def is_sparse(self) -> bool:
@@ -253,8 +256,8 @@ def _criteo(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]
     else:
         dense, cat = CRITEO_DENSE, CRITEO_CAT
     feats = [Feature(name=c, kind="numeric", source=s, transform=cfg.dense_transform, fill=0.0,
-                     min_count=cfg.min_count) for c, s in zip(CRITEO_DENSE, dense)]
-    feats += [Feature(name=c, kind="categorical", source=s, min_count=cfg.min_count)
+                     **vocab_rule(cfg)) for c, s in zip(CRITEO_DENSE, dense)]
+    feats += [Feature(name=c, kind="categorical", source=s, **vocab_rule(cfg))
               for c, s in zip(CRITEO_CAT, cat)]
     # Criteo values are integers and hex hashes: a `"` is a stray character, never a quote
     return Layout(cfg.format, delim, header, names or CRITEO_COLUMNS, label, feats,
@@ -270,8 +273,8 @@ def _avazu(cfg: DataConfig, delim: str, header: bool, names: Optional[List[str]]
             raise DataError(path, f"header lacks Avazu columns {missing[:5]}{hint}", line=1)
     cat_cols = [c for c in cols if c not in ("id", "click", "hour")]
     feats = [Feature(name=n, kind="categorical", source="hour", derive=f"avazu_{n}",
-                     min_count=cfg.min_count) for n in AVAZU_HOUR_FEATURES]
-    feats += [Feature(name=c, kind="categorical", source=c, min_count=cfg.min_count) for c in cat_cols]
+                     **vocab_rule(cfg)) for n in AVAZU_HOUR_FEATURES]
+    feats += [Feature(name=c, kind="categorical", source=c, **vocab_rule(cfg)) for c in cat_cols]
     return Layout("avazu_csv", delim, header, names or cols, "click", feats,
                   numeric_sources=[], string_sources=["hour"] + cat_cols, quoting=False)
 
@@ -305,7 +308,16 @@ def _feature_from_spec(spec: FeatureSpec, cfg: DataConfig) -> Feature:
         transform = spec.transform or cfg.dense_transform
     fill = spec.fill if spec.fill is not None else (0.0 if spec.type == "numeric" else None)
     return Feature(name=spec.name, kind=spec.type, source=spec.source or spec.name, transform=transform,
-                   fill=fill, min_count=spec.min_count or cfg.min_count)
+                   fill=fill, **vocab_rule(cfg, spec))
+
+
+def vocab_rule(cfg: DataConfig, spec: Optional[FeatureSpec] = None) -> dict:
+    """A feature's vocabulary keys: its own (`data.features`), else the data section's."""
+    own = (lambda k: getattr(spec, k)) if spec is not None else (lambda k: None)
+    vocab = own("vocab") or cfg.vocab
+    return {"min_count": own("min_count") or cfg.min_count, "vocab": vocab,
+            "max_size": (own("max_size") or cfg.max_size) if vocab == "count" else None,
+            "hash_buckets": (own("hash_buckets") or cfg.hash_buckets or 0) if vocab == "hash" else 0}
 
 
 # ------------------------------------------------------------------ the formats by name

@@ -192,7 +192,7 @@ def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progres
         for path in fs:
             if _stamp(path) != stamps[path]:
                 raise DataError(path, "changed while being prepared; prepare again")
-        if split == "train" and stats.rows_read != counted.rows_read:
+        if split == "train" and counted.files and stats.rows_read != counted.rows_read:
             raise DataError(fs[0], f"changed while being prepared ({counted.rows_read} rows "
                                    f"counted, {stats.rows_read} encoded); prepare again")
         shards = writer.close()
@@ -225,26 +225,35 @@ def _batches(dc: DataConfig, files: List[Path], stats: ReadStats):
 
 def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Path,
                       stats: ReadStats, progress: bool) -> List[FeatureInfo]:
-    """Pass 1: count the training split's values, write each vocabulary (vocab/<feature>.arrow:
-    value, count; id i + 2 is row i) and return the features' schema entries."""
-    counters = {f.name: ValueCounter() for f in layout.sparse}
-    bar = tqdm(desc="prepare count", unit=" rows", disable=not progress, mininterval=1.0)
-    for _, lay, batch in _batches(dc, files, stats):
-        for f in lay.sparse:
-            counters[f.name].add(sparse_column(batch, f))
-        bar.update(batch.num_rows)
-    bar.close()
+    """Pass 1: count the training split's values of the `vocab: count` features, write each one's
+    vocabulary (vocab/<feature>.arrow: value, count; id i + 2 is row i) and return the features'
+    schema entries. Hashed features need no pass: without count features nothing is read."""
+    counted = [f for f in layout.sparse if f.vocab == "count"]
+    counters = {f.name: ValueCounter() for f in counted}
+    if counted:
+        bar = tqdm(desc="prepare count", unit=" rows", disable=not progress, mininterval=1.0)
+        for _, lay, batch in _batches(dc, files, stats):
+            for f in lay.sparse:
+                if f.name in counters:
+                    counters[f.name].add(sparse_column(batch, f))
+            bar.update(batch.num_rows)
+        bar.close()
     vdir = tmp / "vocab"
     vdir.mkdir()
     feats = []
     for f in layout.features:
         if not f.is_sparse:
             feats.append(FeatureInfo(f.name, "dense", f.source, f.transform))
-            continue
-        vocab, counts = fit_vocab(*counters.pop(f.name).result(), f.min_count)
-        feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
-                                        "count": pa.array(counts, pa.int64())}),
-                              str(vdir / f"{f.name}.arrow"))
-        feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
-                                 vocab_size=len(vocab) + 2, min_count=f.min_count))
+        elif f.vocab == "hash":
+            feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
+                                     vocab_size=f.hash_buckets + 2, min_count=f.min_count,
+                                     vocab="hash", hash_buckets=f.hash_buckets))
+        else:
+            vocab, counts = fit_vocab(*counters.pop(f.name).result(), f.min_count, f.max_size)
+            feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
+                                            "count": pa.array(counts, pa.int64())}),
+                                  str(vdir / f"{f.name}.arrow"))
+            feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
+                                     vocab_size=len(vocab) + 2, min_count=f.min_count,
+                                     max_size=f.max_size))
     return feats

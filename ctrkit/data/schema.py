@@ -37,6 +37,9 @@ class FeatureInfo:
     transform: str = "none"
     vocab_size: int = 0     # sparse: ids 0 (out of vocabulary), 1 (missing), 2.. (seen values)
     min_count: int = 1
+    vocab: str = "count"    # count: vocab/<name>.arrow; hash: 2 + fnv1a64(value) % hash_buckets
+    hash_buckets: int = 0
+    max_size: Optional[int] = None
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Schema:
     def damaged(self) -> Optional[str]:
         """What is missing or cut short among the files schema.json names (None: all there)."""
         root = Path(self.root)
-        names = [f"vocab/{f.name}.arrow" for f in self.sparse]
+        names = [f"vocab/{f.name}.arrow" for f in self.sparse if f.vocab == "count"]
         names += [f"{s}/{n}.npy" for split in self.splits.values() for s in split.shards
                   for n in ("sparse", "dense", "label")]
         for name in names:

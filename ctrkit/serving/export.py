@@ -167,7 +167,7 @@ def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
     saved = io.BytesIO()
     torch.export.save(program, saved)
     files = [PROGRAM, SPEC] + ([TORCHSCRIPT] if script is not None else [])
-    vocab = [f"vocab/{f.name}.arrow" for f in schema.sparse]
+    vocab = [f"vocab/{f.name}.arrow" for f in schema.sparse if f.vocab == "count"]
     spec["program"].update(torchscript=TORCHSCRIPT if script is not None else None,
                            torchscript_skipped=why_not)
     with folder.lock():

@@ -111,12 +111,22 @@ def preprocess_spec(schema: Schema, program: dict) -> dict:
         "sparse": [{"name": s.name, "source": by_name[s.name].source,
                     "encoding": _encoding(by_name[s.name]), "fill": _fill(by_name[s.name]),
                     "read_as": "float64" if by_name[s.name].source in numeric else "string",
-                    "vocabulary": f"vocab/{s.name}.arrow", "vocab_size": s.vocab_size}
+                    "vocab_size": s.vocab_size, **_ids_of(s)}
                    for s in schema.sparse],
         "ids": {"oov": OOV_ID, "missing": MISSING_ID, "first_vocabulary_id": 2,
-                "rule": "a missing value (after `fill`) -> `missing`; a value in the vocabulary "
-                        "file -> 2 + its row number there (column `value`, text); any other "
-                        "value -> `oov`"},
+                "rule": "a missing value (after `fill`) -> `missing`; a feature with a "
+                        "`vocabulary` file: a value in it -> 2 + its row number there (column "
+                        "`value`, text), any other value -> `oov`; a feature with `hash`: "
+                        "2 + fnv1a64(the value's text) mod `hash.buckets`",
+                "fnv1a64": "FNV-1a, 64 bit, over the UTF-8 bytes: h = 0xcbf29ce484222325; for "
+                           "each byte b: h = (h XOR b) * 0x100000001b3 mod 2^64"},
         "transforms": TRANSFORMS,
         "encodings": ENCODINGS,
     }
+
+
+def _ids_of(s) -> dict:
+    """How a sparse feature's values become ids: its vocabulary file, or its hash."""
+    if s.vocab == "hash":
+        return {"vocabulary": None, "hash": {"function": "fnv1a64", "buckets": s.hash_buckets}}
+    return {"vocabulary": f"vocab/{s.name}.arrow"}

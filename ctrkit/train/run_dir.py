@@ -117,7 +117,10 @@ def save_scoring_data(run_dir: Path, schema: Schema) -> None:
     where the filesystem allows (prepare replaces its files, it never rewrites them), else
     copies; each appears atomically, schema.json last."""
     out = run_dir / SCORING_DATA
+    (out / "vocab").mkdir(parents=True, exist_ok=True)
     for f in schema.sparse:
+        if f.vocab == "hash":   # (its ids are a hash: no vocabulary file)
+            continue
         src, dst = schema.vocab_path(f.name), out / "vocab" / f"{f.name}.arrow"
         with contextlib.suppress(OSError):
             if os.path.samefile(src, dst):
