@@ -50,7 +50,8 @@ def cmd_synth(cfg, args) -> dict:
     s = cfg.synth
     return write_synthetic(s.out_dir, s.rows, s.valid_rows, s.test_rows, seed=s.seed,
                            pos_rate=s.pos_rate, card_scale=s.card_scale, max_card=s.max_card,
-                           overwrite=s.overwrite, progress=not args.quiet)
+                           overwrite=s.overwrite, progress=not args.quiet, files=s.files,
+                           workers=s.workers)
 
 
 def cmd_prepare(cfg, args) -> dict:

@@ -34,9 +34,10 @@ class FeatureSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=200,
                       description="Feature name; also a file name (vocab/<name>.arrow).")
-    type: Literal["categorical", "numeric"] = Field(
+    type: Literal["categorical", "numeric", "multi_categorical"] = Field(
         description="`categorical`: ids from a vocabulary; `numeric`: a float input (or "
-                    "buckets, with transform criteo_bucket).")
+                    "buckets, with transform criteo_bucket); `multi_categorical`: several values "
+                    "in one field joined by `separator` (e.g. `a|b|c`), one bag of ids per row.")
     source: Optional[str] = Field(default=None, description="Raw column name (default: `name`).")
     fill: Optional[Union[str, float]] = Field(
         default=None, description="Value for missing entries (numeric default 0; categorical "
@@ -48,6 +49,24 @@ class FeatureSpec(_Strict):
                                                                      "feature (default: data.min_count).")
     vocab: Optional[Literal["count", "hash"]] = Field(default=None, description=(
         "As data.vocab, for this feature (default: data.vocab)."))
+    separator: Optional[str] = Field(default=None, min_length=1, description=(
+        "multi_categorical: what joins the values of a field (required there); empty values "
+        "are dropped, an empty field is missing."))
+    max_len: Optional[int] = Field(default=None, ge=1, description=(
+        "multi_categorical: keep the first max_len values of a field (null: all)."))
+    pooling: Optional[Literal["sum", "mean"]] = Field(default=None, description=(
+        "multi_categorical: how a row's embeddings become one (default sum)."))
+
+    @model_validator(mode="after")
+    def _multi_keys_only_on_multi(self) -> "FeatureSpec":
+        given = [k for k in ("separator", "max_len", "pooling") if getattr(self, k) is not None]
+        if self.type != "multi_categorical" and given:
+            raise ValueError(f"data.features.{self.name}.{given[0]}: only for type "
+                             f"multi_categorical, not {self.type}")
+        if self.type == "multi_categorical" and self.separator is None:
+            raise ValueError(f"data.features.{self.name}: type multi_categorical needs a "
+                             "separator")
+        return self
     max_size: Optional[int] = Field(default=None, ge=1, description=(
         "As data.max_size, for this feature (default: data.max_size)."))
     hash_buckets: Optional[int] = Field(default=None, ge=1, le=2_000_000_000, description=(
@@ -104,6 +123,10 @@ class DataConfig(_Strict):
                                                                  "(part-NNNNN folder).")
     read_block_mb: int = Field(default=16, ge=1, description="Block size of the CSV reader for "
                                "files read in blocks (speed only).")
+    prepare_workers: int = Field(default=1, ge=1, description=(
+        "Processes preparing a split of several files, one file at a time each: counts merged "
+        "in file order, so the same vocabularies, ids and rows in the same order; each file gets "
+        "shards of its own (part-f<file>-<k>)."))
     read_whole_mb: int = Field(default=64, ge=0, description="Files up to this size are parsed "
                                "in one parallel read (speed only; larger files stream in blocks of "
                                "read_block_mb, so memory does not grow with them).")
@@ -381,6 +404,10 @@ class SynthConfig(_Strict):
     max_card: int = Field(default=1_000_000, ge=2, le=2**32, description=(
         "Largest vocabulary of a feature (ids are 8 hex characters)."))
     overwrite: bool = Field(default=False, description="Replace files synth wrote before.")
+    files: int = Field(default=1, ge=1, description=(
+        "Training rows split into this many files, train-00000.tsv ... in order (day files; "
+        "their concatenation is files=1's train.tsv)."))
+    workers: int = Field(default=1, ge=1, description="Processes writing files in parallel.")
 
 
 class Config(_Strict):

@@ -97,3 +97,22 @@ def test_bad_arguments(tmp_path, kwargs):
         write_synthetic(tmp_path / "out", **args)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_day_files_written_in_parallel_are_the_single_file_split(tmp_path, monkeypatch):
+    """files=3 with 2 worker processes: three files whose concatenation is files=1's train.tsv,
+    the same ceiling metrics; more files than chunks is a config error."""
+    import ctrkit.data.synth as synth
+    from ctrkit.errors import ConfigError
+    monkeypatch.setattr(synth, "CHUNK_ROWS", 1000)
+    one = synth.write_synthetic(tmp_path / "one", 5500, valid_rows=700, seed=4, progress=False)
+    many = synth.write_synthetic(tmp_path / "many", 5500, valid_rows=700, seed=4, progress=False,
+                                 files=3, workers=2)
+    names = many["files"]["train"]
+    assert names == ["train-00000.tsv", "train-00001.tsv", "train-00002.tsv"]
+    joined = b"".join((tmp_path / "many" / n).read_bytes() for n in names)
+    assert joined == (tmp_path / "one" / "train.tsv").read_bytes()
+    assert (tmp_path / "many" / "valid.tsv").read_bytes() == (tmp_path / "one" / "valid.tsv").read_bytes()
+    assert many["ceiling_auc"] == one["ceiling_auc"] and many["pos_rate"] == one["pos_rate"]
+    with pytest.raises(ConfigError, match="at most 6 file"):
+        synth.write_synthetic(tmp_path / "x", 5500, progress=False, files=7)

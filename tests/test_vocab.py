@@ -71,3 +71,42 @@ def test_a_file_changed_between_the_passes_is_an_error(tmp_path, monkeypatch, ca
     assert code == 2 and "changed while being prepared" in err and str(train) in err, err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "prep" / "schema.json").exists()
+
+
+def test_many_files_prepared_in_parallel_equal_one_process(tmp_path):
+    """A training split of three day files and a bad row, prepared by two worker processes: the
+    same vocabularies, the same rows and ids in the same order, the same row accounting (rows
+    read = written + skipped), each file in shards of its own."""
+    import pyarrow.feather as feather
+
+    from ctrkit.config import load_config
+    from ctrkit.data.shards import load_shard
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 3000, valid_rows=500, seed=2, card_scale=0.01, progress=False)
+    lines = (raw / "train.tsv").read_bytes().splitlines(keepends=True)
+    lines[1500] = b"x" + lines[1500]                      # a bad label: skipped and counted
+    for i in range(3):
+        (tmp_path / f"day_{i}.tsv").write_bytes(b"".join(lines[i * 1000:(i + 1) * 1000]))
+
+    def run(name, *extra):
+        cfg = load_config(None, [f"data.train={tmp_path / 'day_*.tsv'}", "data.skip_bad_rows=true",
+                                 f"data.valid={raw / 'valid.tsv'}", "data.shard_rows=700",
+                                 f"data.prepared_dir={tmp_path / name}", *extra])
+        return pp.prepare(cfg, progress=False)
+    one, many = run("one"), run("many", "data.prepare_workers=2")
+    assert [s.split("/")[1] for s in many.splits["train"].shards] == [
+        "part-f00000-00000", "part-f00000-00001", "part-f00001-00000", "part-f00001-00001",
+        "part-f00002-00000", "part-f00002-00001"]
+    for f in one.sparse:
+        assert feather.read_table(str(one.vocab_path(f.name))).equals(
+            feather.read_table(str(many.vocab_path(f.name))))
+    for split in ("train", "valid"):
+        a, b = one.splits[split], many.splits[split]
+        assert (a.files, a.rows_read, a.rows_written, a.skipped, a.positives) == \
+            (b.files, b.rows_read, b.rows_written, b.skipped, b.positives)
+        for part in ("sparse", "dense", "labels"):
+            cat = lambda s: np.concatenate([getattr(load_shard(s.root, n), part)  # noqa: E731
+                                            for n in s.splits[split].shards])
+            assert np.array_equal(cat(one), cat(many)), (split, part)
+    t = one.splits["train"]
+    assert t.rows_read == 3000 and t.rows_written == 2999 and t.skipped == {"bad_label": 1}

@@ -51,31 +51,55 @@ class RowEncoder:
             ix = self._index[name] = VocabIndex(values.combine_chunks())
         return ix
 
-    def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
-        d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+    def _remap(self, values: pa.Array, f: Feature) -> np.ndarray:
+        """int32 ids of distinct (or any) non-null values of feature `f`."""
         info = self._features[f.name]
         if info.vocab == "hash":   # every value has a bucket: no out-of-vocabulary id
-            remap = (fnv1a64(d.dictionary) % np.uint64(info.hash_buckets)).astype(np.int32) + 2
-        else:
-            found = self.index(f.name).positions(d.dictionary)
-            remap = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+            return (fnv1a64(values) % np.uint64(info.hash_buckets)).astype(np.int32) + 2
+        found = self.index(f.name).positions(values)
+        return np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+
+    def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
+        d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+        remap = self._remap(d.dictionary, f)
         idx = pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False)
         return np.append(remap, np.int32(MISSING_ID))[idx]   # (-1, missing, picks the last slot)
 
-    def encode(self, batch: pa.RecordBatch,
-               layout: Layout) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """(sparse ids [B, F] int32, dense [B, Dn] float32, labels [B] float32 or None)."""
+    def _bags(self, lists: pa.ListArray, f: Feature) -> Tuple[np.ndarray, np.ndarray]:
+        """A multi-hot feature's (ids, lengths): each row's values' ids; a missing row is the
+        one-id bag [missing]."""
+        d = pc.dictionary_encode(pc.list_flatten(lists))
+        ids = self._remap(d.dictionary, f)[d.indices.to_numpy(zero_copy_only=False)]
+        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(
+            zero_copy_only=False).astype(np.int32)
+        empty = lengths == 0
+        if empty.any():   # insert id 1 where a row has no value
+            starts = np.cumsum(lengths) - lengths
+            ids = np.insert(ids, starts[empty], np.int32(MISSING_ID))
+            lengths[empty] = 1
+        return ids.astype(np.int32), lengths
+
+    def encode(self, batch: pa.RecordBatch, layout: Layout) -> Tuple[
+            np.ndarray, np.ndarray, Optional[np.ndarray], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+        """(sparse ids [B, F] int32, dense [B, Dn] float32, labels [B] float32 or None, multi-hot
+        bags {feature: (ids int32, lengths [B] int32)}; a multi-hot feature's column of `sparse`
+        holds 0)."""
         n = batch.num_rows
         sparse = np.empty((n, len(layout.sparse)), np.int32)
+        multi: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         for j, f in enumerate(layout.sparse):
             col = sparse_column(batch, f)
             if isinstance(col, pa.ChunkedArray):
                 col = col.combine_chunks()
-            sparse[:, j] = self._ids(col, f)
+            if f.is_multi:
+                multi[f.name] = self._bags(col, f)
+                sparse[:, j] = 0
+            else:
+                sparse[:, j] = self._ids(col, f)
         dense_cols: List[np.ndarray] = [dense_column([batch.column(f.source)], f, n)
                                         for f in layout.dense]
         dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
         labels = None
         if layout.label:
             labels = batch.column(layout.label).to_numpy(zero_copy_only=False).astype(np.float32)
-        return sparse, dense, labels
+        return sparse, dense, labels, multi

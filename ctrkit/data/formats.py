@@ -34,7 +34,7 @@ class Feature:
     """A model input built from one source column."""
 
     name: str
-    kind: str                 # "categorical" | "numeric"
+    kind: str                 # "categorical" | "numeric" | "multi_categorical"
     source: str
     transform: str = "none"   # numeric: none | log | criteo_bucket (bucketed numerics are categorical)
     fill: Optional[object] = None
@@ -43,10 +43,17 @@ class Feature:
     vocab: str = "count"           # categorical ids: count (a fitted vocabulary) | hash
     max_size: Optional[int] = None
     hash_buckets: int = 0
+    separator: Optional[str] = None   # multi_categorical: values joined by it, a bag per row
+    max_len: Optional[int] = None
+    pooling: str = "sum"
 
     @property
     def is_sparse(self) -> bool:
-        return self.kind == "categorical" or self.transform == "criteo_bucket"
+        return self.kind in ("categorical", "multi_categorical") or self.transform == "criteo_bucket"
+
+    @property
+    def is_multi(self) -> bool:
+        return self.kind == "multi_categorical"
 
 
 @dataclass
@@ -295,7 +302,7 @@ def _generic(cfg: DataConfig, delimiter: str, header: bool,
     for spec in cfg.features or []:
         feats.append(_feature_from_spec(spec, cfg))
     numeric = sorted({f.source for f in feats if f.kind == "numeric"})
-    strings = sorted({f.source for f in feats if f.kind == "categorical"} - set(numeric))
+    strings = sorted({f.source for f in feats if f.kind != "numeric"} - set(numeric))
     if not header:
         names = [cfg.label] + [f.source for f in feats]
     return Layout(cfg.format, delimiter, header, names, cfg.label, feats,
@@ -307,8 +314,10 @@ def _feature_from_spec(spec: FeatureSpec, cfg: DataConfig) -> Feature:
     if spec.type == "numeric":
         transform = spec.transform or cfg.dense_transform
     fill = spec.fill if spec.fill is not None else (0.0 if spec.type == "numeric" else None)
+    multi = {"separator": spec.separator, "max_len": spec.max_len,
+             "pooling": spec.pooling or "sum"} if spec.type == "multi_categorical" else {}
     return Feature(name=spec.name, kind=spec.type, source=spec.source or spec.name, transform=transform,
-                   fill=fill, **vocab_rule(cfg, spec))
+                   fill=fill, **vocab_rule(cfg, spec), **multi)
 
 
 def vocab_rule(cfg: DataConfig, spec: Optional[FeatureSpec] = None) -> dict:

@@ -6,7 +6,7 @@ disjoint slice of every shard. Resuming skips batches by position without readin
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -82,20 +82,26 @@ class BatchLoader:
         return out
 
     def _gather(self, parts: List[tuple]) -> tuple:
-        """(sparse [B, F] ids, dense [B, Dn], labels [B]) numpy arrays of one batch's rows."""
+        """(sparse [B, F] ids, dense [B, Dn], labels [B], multi-hot bags) of one batch's rows."""
         if len(parts) == 1:
             sh, idx = self.shards[parts[0][0]], parts[0][1]
             sparse, dense, labels = sh.sparse[idx], sh.dense[idx], sh.labels[idx]
+            multi = sh.take(idx) if sh.multi else {}
         else:
             sparse = np.concatenate([self.shards[si].sparse[idx] for si, idx in parts])
             dense = np.concatenate([self.shards[si].dense[idx] for si, idx in parts])
             labels = np.concatenate([self.shards[si].labels[idx] for si, idx in parts])
-        return sparse, dense, labels
+            multi = {}
+            if self.shards[parts[0][0]].multi:
+                taken = [self.shards[si].take(idx) for si, idx in parts]
+                multi = {m: (np.concatenate([t[m][0] for t in taken]),
+                             np.concatenate([t[m][1] for t in taken])) for m in taken[0]}
+        return sparse, dense, labels, multi
 
     def _make(self, parts: List[tuple]) -> Batch:
-        sparse, dense, labels = self._gather(parts)
+        sparse, dense, labels, multi = self._gather(parts)
         batch = make_batch(self.keys, sparse, dense, labels, self._ones,
-                           self._feature_shift if self.precompute_unique else None)
+                           self._feature_shift if self.precompute_unique else None, multi)
         return batch.pin_memory() if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -106,9 +112,23 @@ class BatchLoader:
                     prefetch(made, self.prefetch, name=f"ctrkit-loader-{self.split}"))
 
 
+Bags = Dict[str, Tuple[np.ndarray, np.ndarray]]   # multi-hot feature -> (ids, lengths [B])
+
+
+def bag_rows(multi: Bags, start: int, end: int) -> Bags:
+    """Rows start..end of multi-hot bags."""
+    out = {}
+    for name, (ids, lengths) in multi.items():
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        out[name] = (ids[offsets[start]:offsets[end]], lengths[start:end])
+    return out
+
+
 def make_batch(keys: List[str], sparse: np.ndarray, dense: np.ndarray, labels: np.ndarray,
-               ones: Optional[dict] = None, feature_shift: Optional[np.ndarray] = None) -> Batch:
-    """One `Batch` from a batch's rows: sparse ids [B, F], dense [B, Dn], labels [B] (numpy).
+               ones: Optional[dict] = None, feature_shift: Optional[np.ndarray] = None,
+               multi: Optional[Bags] = None) -> Batch:
+    """One `Batch` from a batch's rows: sparse ids [B, F], dense [B, Dn], labels [B] (numpy);
+    `multi`: the multi-hot features' bags (their columns of `sparse` are not read).
 
     `ones` caches the all-ones lengths per batch size; with `feature_shift` (feature f's
     f << 32) the batch's distinct (feature, id) pairs are found here, in the loader's prefetch
@@ -116,6 +136,13 @@ def make_batch(keys: List[str], sparse: np.ndarray, dense: np.ndarray, labels: n
     which sort exactly like rows of tables laid out feature after feature. numpy only: no torch
     op runs in this thread (see ctrkit/data/ids.py)."""
     b = labels.shape[0]
+    if multi:   # bags of several ids: the KJT's real lengths, key after key
+        vals = [multi[k][0] if k in multi else sparse[:, j] for j, k in enumerate(keys)]
+        lens = [multi[k][1] if k in multi else np.ones(b, np.int32) for k in keys]
+        kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(vals).astype(np.int64)),
+                                lengths=torch.from_numpy(np.concatenate(lens).astype(np.int32)), stride=b)
+        return Batch(torch.from_numpy(np.ascontiguousarray(dense)), kjt, torch.from_numpy(labels),
+                     BatchFacts(one_per_bag=False))
     ones = {} if ones is None else ones
     lengths = ones.get(b)
     if lengths is None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import multiprocessing
 import os
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.feather as feather
@@ -175,35 +177,92 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
 def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progress: bool) -> Schema:
     layout = resolve_layout(dc, files["train"][0])
     stamps = {p: _stamp(p) for fs in files.values() for p in fs}
-    counted = ReadStats()
-    feats = _fit_vocabularies(dc, files["train"], layout, tmp, counted, progress)
-    schema = Schema(format=dc.format, label=layout.label, features=feats, splits={}, root=tmp)
-    encoder = RowEncoder(schema)
-    for split, fs in files.items():
-        stats = ReadStats()
-        writer = ShardWriter(tmp, split, len(layout.sparse), len(layout.dense), dc.shard_rows)
-        bar = tqdm(desc=f"prepare {split}", unit=" rows", disable=not progress, mininterval=1.0)
-        for path, lay, batch in _batches(dc, fs, stats):
-            encoder.check(lay, str(path))
-            sparse, dense, labels = encoder.encode(batch, lay)
-            writer.add(sparse, dense, labels)
-            bar.update(batch.num_rows)
-        bar.close()
-        for path in fs:
-            if _stamp(path) != stamps[path]:
-                raise DataError(path, "changed while being prepared; prepare again")
-        if split == "train" and counted.files and stats.rows_read != counted.rows_read:
-            raise DataError(fs[0], f"changed while being prepared ({counted.rows_read} rows "
-                                   f"counted, {stats.rows_read} encoded); prepare again")
-        shards = writer.close()
-        stats.rows_written = writer.rows
-        d = stats.as_dict()
-        schema.splits[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
-                                         rows_written=d["rows_written"],
-                                         rows_skipped=d["rows_skipped"], skipped=d["skipped"],
-                                         shards=shards, positives=int(writer.positives))
+    workers = min(dc.prepare_workers, max(len(fs) for fs in files.values()))
+    with _pool(workers) as pool:
+        counted = ReadStats()
+        feats = _fit_vocabularies(dc, files["train"], layout, tmp, counted, progress, pool)
+        schema = Schema(format=dc.format, label=layout.label, features=feats, splits={}, root=tmp)
+        for split, fs in files.items():
+            if pool is None or len(fs) == 1:
+                shards, stats, positives = _encode_files(dc, fs, split, schema, "", progress)
+            else:   # one file per task; each file's shards are its own (part-f<file>-<k>)
+                shards, stats, positives = [], ReadStats(), 0
+                tasks = [pool.submit(_encode_files, dc, [path], split, schema, f"f{i:05d}-", False)
+                         for i, path in enumerate(fs)]
+                for task in tqdm(tasks, desc=f"prepare {split}", unit=" file",
+                                 disable=not progress):
+                    part_shards, part_stats, part_positives = task.result()
+                    shards += part_shards
+                    stats.merge(part_stats)
+                    positives += part_positives
+            for path in fs:
+                if _stamp(path) != stamps[path]:
+                    raise DataError(path, "changed while being prepared; prepare again")
+            if split == "train" and counted.files and stats.rows_read != counted.rows_read:
+                raise DataError(fs[0], f"changed while being prepared ({counted.rows_read} rows "
+                                       f"counted, {stats.rows_read} encoded); prepare again")
+            d = stats.as_dict()
+            schema.splits[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
+                                             rows_written=d["rows_written"],
+                                             rows_skipped=d["rows_skipped"], skipped=d["skipped"],
+                                             shards=shards, positives=positives)
     schema.root = None
     return schema
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[Optional[ProcessPoolExecutor]]:
+    """Worker processes for files (None: this process does everything). They are spawned: a
+    fresh interpreter imports only the data layer, not what this process holds."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def _encode_files(dc: DataConfig, files: List[Path], split: str, schema: Schema, tag: str,
+                  progress: bool) -> Tuple[List[str], ReadStats, int]:
+    """Pass 2 over `files`, in order, into shards `<split>/part-<tag><k>` of schema.root:
+    (shard names, row accounting, positives)."""
+    encoder = RowEncoder(schema)
+    layout_sparse = [f for f in schema.sparse]
+    stats = ReadStats()
+    writer = ShardWriter(Path(schema.root), split, len(layout_sparse), len(schema.dense),
+                         dc.shard_rows, multi=tuple(f.name for f in layout_sparse if f.multi),
+                         tag=tag)
+    bar = tqdm(desc=f"prepare {split}", unit=" rows", disable=not progress, mininterval=1.0)
+    for path, lay, batch in _batches(dc, files, stats):
+        encoder.check(lay, str(path))
+        sparse, dense, labels, multi = encoder.encode(batch, lay)
+        writer.add(sparse, dense, labels, multi)
+        bar.update(batch.num_rows)
+    bar.close()
+    shards = writer.close()
+    stats.rows_written = writer.rows
+    return shards, stats, int(writer.positives)
+
+
+def _count_files(dc: DataConfig, files: List[Path], names: List[str], stats: ReadStats,
+                 progress: bool) -> Dict[str, ValueCounter]:
+    """Pass 1 over `files`: each of the features `names`' values counted."""
+    counters = {n: ValueCounter() for n in names}
+    bar = tqdm(desc="prepare count", unit=" rows", disable=not progress, mininterval=1.0)
+    for _, lay, batch in _batches(dc, files, stats):
+        for f in lay.sparse:
+            if f.name in counters:
+                counters[f.name].add(sparse_column(batch, f))
+        bar.update(batch.num_rows)
+    bar.close()
+    return counters
+
+
+def _counts_of_file(dc: DataConfig, path: Path, names: List[str]) -> Tuple[dict, ReadStats]:
+    """A worker's pass 1 over one file: {feature: (values, counts)} and its row accounting."""
+    stats = ReadStats()
+    counters = _count_files(dc, [path], names, stats, False)
+    return {n: c.result() for n, c in counters.items()}, stats
 
 
 def _stamp(path: Path) -> tuple:
@@ -224,20 +283,24 @@ def _batches(dc: DataConfig, files: List[Path], stats: ReadStats):
 
 
 def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Path,
-                      stats: ReadStats, progress: bool) -> List[FeatureInfo]:
-    """Pass 1: count the training split's values of the `vocab: count` features, write each one's
+                      stats: ReadStats, progress: bool,
+                      pool: Optional[ProcessPoolExecutor] = None) -> List[FeatureInfo]:
+    """Pass 1: count the training split's values of the `vocab: count` features (a file per
+    worker process with a pool, merged in file order: the same vocabularies), write each one's
     vocabulary (vocab/<feature>.arrow: value, count; id i + 2 is row i) and return the features'
     schema entries. Hashed features need no pass: without count features nothing is read."""
-    counted = [f for f in layout.sparse if f.vocab == "count"]
-    counters = {f.name: ValueCounter() for f in counted}
-    if counted:
-        bar = tqdm(desc="prepare count", unit=" rows", disable=not progress, mininterval=1.0)
-        for _, lay, batch in _batches(dc, files, stats):
-            for f in lay.sparse:
-                if f.name in counters:
-                    counters[f.name].add(sparse_column(batch, f))
-            bar.update(batch.num_rows)
-        bar.close()
+    names = [f.name for f in layout.sparse if f.vocab == "count"]
+    counters: Dict[str, ValueCounter] = {}
+    if names and (pool is None or len(files) == 1):
+        counters = _count_files(dc, files, names, stats, progress)
+    elif names:
+        counters = {n: ValueCounter() for n in names}
+        tasks = [pool.submit(_counts_of_file, dc, path, names) for path in files]
+        for task in tqdm(tasks, desc="prepare count", unit=" file", disable=not progress):
+            counts, part = task.result()
+            stats.merge(part)
+            for n, (values, c) in counts.items():
+                counters[n].add_counts(values, c)
     vdir = tmp / "vocab"
     vdir.mkdir()
     feats = []
@@ -247,7 +310,7 @@ def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Pa
         elif f.vocab == "hash":
             feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
                                      vocab_size=f.hash_buckets + 2, min_count=f.min_count,
-                                     vocab="hash", hash_buckets=f.hash_buckets))
+                                     vocab="hash", hash_buckets=f.hash_buckets, **_multi(f)))
         else:
             vocab, counts = fit_vocab(*counters.pop(f.name).result(), f.min_count, f.max_size)
             feather.write_feather(pa.table({"value": vocab.cast(pa.string()),
@@ -255,5 +318,11 @@ def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Pa
                                   str(vdir / f"{f.name}.arrow"))
             feats.append(FeatureInfo(f.name, "sparse", f.source, f.transform,
                                      vocab_size=len(vocab) + 2, min_count=f.min_count,
-                                     max_size=f.max_size))
+                                     max_size=f.max_size, **_multi(f)))
     return feats
+
+
+def _multi(f) -> dict:
+    """A multi-hot feature's schema keys (none for a one-hot one)."""
+    return ({"multi": True, "separator": f.separator, "max_len": f.max_len, "pooling": f.pooling}
+            if f.is_multi else {})

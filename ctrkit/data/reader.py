@@ -40,6 +40,14 @@ class ReadStats:
         if n:
             self.skipped[reason] = self.skipped.get(reason, 0) + n
 
+    def merge(self, other: "ReadStats") -> None:
+        """Add another part's accounting (a file read by another process), after this one's."""
+        self.files += other.files
+        self.rows_read += other.rows_read
+        self.rows_written += other.rows_written
+        for reason, n in other.skipped.items():
+            self.skip(reason, n)
+
     def as_dict(self) -> dict:
         return dict(files=self.files, rows_read=self.rows_read, rows_written=self.rows_written,
                     rows_skipped=sum(self.skipped.values()), skipped=dict(self.skipped))

@@ -40,6 +40,10 @@ class FeatureInfo:
     vocab: str = "count"    # count: vocab/<name>.arrow; hash: 2 + fnv1a64(value) % hash_buckets
     hash_buckets: int = 0
     max_size: Optional[int] = None
+    multi: bool = False     # a multi-hot field (values joined by separator): a bag of ids per row
+    separator: Optional[str] = None
+    max_len: Optional[int] = None
+    pooling: str = "sum"
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Schema:
         names = [f"vocab/{f.name}.arrow" for f in self.sparse if f.vocab == "count"]
         names += [f"{s}/{n}.npy" for split in self.splits.values() for s in split.shards
                   for n in ("sparse", "dense", "label")]
+        names += [f"{s}/{f.name}.{n}.npy" for split in self.splits.values() for s in split.shards
+                  for f in self.sparse if f.multi for n in ("ids", "offsets")]
         for name in names:
             path = root / name
             if not path.is_file():

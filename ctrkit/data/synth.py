@@ -276,7 +276,8 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_rows: int = 0, seed: int = 0,
                     pos_rate: float = 0.25, card_scale: float = 1.0, max_card: int = 1_000_000,
-                    overwrite: bool = False, progress: bool = True) -> dict:
+                    overwrite: bool = False, progress: bool = True, files: int = 1,
+                    workers: int = 1) -> dict:
     """Write train.tsv (+ valid.tsv / test.tsv when their counts are > 0) and meta.json.
 
     Why: gives every test and demo Criteo-shaped data whose best achievable
@@ -284,12 +285,21 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
     from the true generating probabilities) is known.  Same arguments give the
     same bytes.  Raises ConfigError on bad arguments and CtrkitError, before
     writing anything, when a target file exists and ``overwrite`` is false.
+
+    ``files`` > 1 splits the training rows into train-00000.tsv ... (day files, in order: their
+    concatenation is the train.tsv of files=1); ``workers`` processes write files in parallel.
     """
     _validate(rows, valid_rows, test_rows, seed, pos_rate, card_scale, max_card)
+    _check_int("files", files, 1)
+    _check_int("workers", workers, 1)
     out = Path(out_dir)
     splits = {"train": int(rows), "valid": int(valid_rows), "test": int(test_rows)}
     todo = {name: n for name, n in splits.items() if n > 0}
-    targets = [out / f"{name}.tsv" for name in todo] + [out / "meta.json"]
+    if files > -(-int(rows) // CHUNK_ROWS):
+        raise ConfigError(f"files={files}: a file holds whole chunks of {CHUNK_ROWS:,} rows, so "
+                          f"{rows:,} rows make at most {-(-int(rows) // CHUNK_ROWS)} file(s)")
+    jobs = _jobs(out, todo, int(files))
+    targets = [path for path, *_ in jobs] + [out / "meta.json"]
     _claim(out, targets, overwrite)
 
     model = _build_model(int(seed), float(pos_rate), float(card_scale), int(max_card))
@@ -297,6 +307,7 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
         "format": "criteo_tsv",
         "seed": int(seed),
         "rows": splits,
+        "files": {name: [p.name for p, split, *_ in jobs if split == name] for name in todo},
         "cardinalities": model.cards,
         "target_pos_rate": float(pos_rate),
         "card_scale": float(card_scale),
@@ -305,13 +316,55 @@ def write_synthetic(out_dir: str | Path, rows: int, valid_rows: int = 0, test_ro
         "ceiling_auc": {},
         "ceiling_logloss": {},
     }
-    for name, n in todo.items():
-        labels, probs = _write_split(out / f"{name}.tsv", model, int(seed), name, n, progress)
+    args = (int(seed), float(pos_rate), float(card_scale), int(max_card))
+    results = _run_jobs(jobs, args, model, int(workers), progress)
+    for name in todo:
+        labels = np.concatenate([results[i][0] for i, j in enumerate(jobs) if j[1] == name])
+        probs = np.concatenate([results[i][1] for i, j in enumerate(jobs) if j[1] == name])
         meta["pos_rate"][name] = float(labels.mean())
         meta["ceiling_auc"][name] = _auc(labels, probs)
         meta["ceiling_logloss"][name] = _logloss(labels, probs)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _jobs(out: Path, todo: dict, files: int) -> list:
+    """(path, split, first row, rows) per file: the training split's chunks dealt to `files`
+    files in order (a file holds whole chunks, so the rows do not depend on `files`)."""
+    jobs = []
+    for name, n in todo.items():
+        k = files if name == "train" else 1
+        chunks = -(-n // CHUNK_ROWS)
+        bounds = [min(n, (i * chunks // k) * CHUNK_ROWS) for i in range(k)] + [n]
+        for i in range(k):
+            path = out / (f"{name}.tsv" if k == 1 else f"{name}-{i:05d}.tsv")
+            jobs.append((path, name, bounds[i], bounds[i + 1] - bounds[i]))
+    return jobs
+
+
+def _run_jobs(jobs: list, args: tuple, model, workers: int, progress: bool) -> list:
+    """Each job's (labels, probabilities), in job order; files written by `workers` processes."""
+    if workers == 1 or len(jobs) == 1:
+        return [_write_split(path, model, args[0], name, start, n, progress)
+                for path, name, start, n in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    bar = _progress_bar(sum(j[3] for j in jobs), "synth", progress)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_write_file, j, args) for j in jobs]
+        results = []
+        for f, j in zip(futures, jobs):
+            results.append(f.result())
+            if bar is not None:
+                bar.update(j[3])
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _write_file(job: tuple, args: tuple):
+    """One file in a worker process (the hidden model is rebuilt: it is deterministic)."""
+    path, name, start, n = job
+    return _write_split(path, _build_model(*args), args[0], name, start, n, False)
 
 
 def _claim(out: Path, targets: list, overwrite: bool) -> None:
@@ -331,19 +384,21 @@ def _claim(out: Path, targets: list, overwrite: bool) -> None:
         raise CtrkitError(f"cannot create {out}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _write_split(path: Path, model, seed: int, name: str, n: int, progress: bool):
-    """Write split `name` (n rows) atomically; its (labels, true probabilities)."""
+def _write_split(path: Path, model, seed: int, name: str, start: int, n: int, progress: bool):
+    """Rows start..start+n of split `name`, atomically into `path`; their (labels, true
+    probabilities). `start` is a multiple of CHUNK_ROWS."""
     labels = np.empty(n, dtype=np.uint8)
     probs = np.empty(n, dtype=np.float32)
-    bar = _progress_bar(n, name, progress)
+    bar = _progress_bar(n, path.name, progress)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # never a partial final file
-            for chunk_idx, start in enumerate(range(0, n, CHUNK_ROWS)):
-                m = min(CHUNK_ROWS, n - start)
+            for pos in range(0, n, CHUNK_ROWS):
+                m = min(CHUNK_ROWS, n - pos)
+                chunk_idx = (start + pos) // CHUNK_ROWS
                 data, y, p = _draw_chunk(model, seed, SPLIT_IDS[name], chunk_idx, m)
                 fh.write(data)
-                labels[start:start + m] = y
-                probs[start:start + m] = p
+                labels[pos:pos + m] = y
+                probs[pos:pos + m] = p
                 if bar is not None:
                     bar.update(m)
     finally:

@@ -48,7 +48,29 @@ def sparse_column(batch: pa.RecordBatch, f: Feature) -> pa.Array:
         return criteo_bucket(col)
     if f.fill is not None:
         col = pc.fill_null(col, pa.scalar(str(f.fill)))
+    if f.is_multi:
+        return multi_values(col, f)
     return col
+
+
+def multi_values(col: pa.Array, f: Feature) -> pa.ListArray:
+    """A multi_categorical field's values: split at the separator, empty values dropped, the
+    first `max_len` kept; a missing or empty field is a null (missing) bag."""
+    col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+    lists = pc.split_pattern(col, f.separator)
+    flat = pc.list_flatten(lists)
+    parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    flat, parent = flat.filter(pa.array(keep)), parent[keep]
+    counts = np.bincount(parent, minlength=len(col)).astype(np.int64)
+    if f.max_len is not None and (counts > f.max_len).any():
+        starts = np.cumsum(counts) - counts
+        rank = np.arange(len(parent)) - np.repeat(starts, counts)
+        take = rank < f.max_len
+        flat, parent = flat.filter(pa.array(take)), parent[take]
+        counts = np.minimum(counts, f.max_len)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(counts == 0))
 
 
 def dense_column(chunks: List[pa.Array], f: Feature, rows: int) -> np.ndarray:

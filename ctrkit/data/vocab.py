@@ -30,7 +30,10 @@ class ValueCounter:
         self.merge_rows = merge_rows
 
     def add(self, col: pa.Array) -> None:
-        """Count the values of one column of a batch (nulls are missing, not counted)."""
+        """Count the values of one column of a batch (nulls are missing, not counted; a list
+        column, a multi-hot field, counts each of its values)."""
+        if pa.types.is_list(col.type):
+            col = pc.list_flatten(col)
         d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
         idx = d.indices.drop_null().to_numpy(zero_copy_only=False)
         counts = np.bincount(idx, minlength=len(d.dictionary)).astype(np.int64)

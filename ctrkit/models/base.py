@@ -34,7 +34,8 @@ class FieldEmbeddings(nn.Module):
         for f in schema.sparse:
             d = int(overrides.get(f.name, dim))
             self.groups.setdefault(d, []).append(f.name)
-            tables.setdefault(d, []).append(table_config(f.name + suffix, f.name, f.vocab_size, d))
+            tables.setdefault(d, []).append(table_config(f.name + suffix, f.name, f.vocab_size, d,
+                                                         f.pooling))
         self.bags = nn.ModuleDict({str(d): BatchedEmbeddingBags(t, init_std=init_std)
                                    for d, t in tables.items()})
 

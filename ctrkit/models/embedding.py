@@ -97,15 +97,18 @@ class BatchedEmbeddingBags(TableModule):
         dims = {t.embedding_dim for t in tables}
         if len(dims) != 1:
             raise ValueError(f"all tables must share one embedding_dim, got {sorted(dims)}")
-        pools = {t.pooling for t in tables}
-        if len(pools) != 1 or next(iter(pools)) not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError("all tables must use the same SUM or MEAN pooling")
+        if any(t.pooling not in (PoolingType.SUM, PoolingType.MEAN) for t in tables):
+            raise ValueError("tables must pool by SUM or MEAN")
         for t in tables:
             if len(t.feature_names) != 1:
                 raise ValueError(f"table {t.name}: exactly one feature per table is supported")
         self.tables: List[EmbeddingBagConfig] = list(tables)
         self.embedding_dim = tables[0].embedding_dim
-        self.mode = "sum" if tables[0].pooling == PoolingType.SUM else "mean"
+        # one pooling for all (sum or mean), else sums with the MEAN tables' bags divided by
+        # their lengths (only bags of several ids differ: a one-id bag's mean is its sum)
+        means = [i for i, t in enumerate(tables) if t.pooling == PoolingType.MEAN]
+        self.mode = "mean" if len(means) == len(tables) else "sum"
+        self.mean_tables = means if 0 < len(means) < len(tables) else []
         self.feature_names = [t.feature_names[0] for t in tables]
         rows = torch.tensor([t.num_embeddings for t in tables], dtype=torch.int64)
         self.register_buffer("row_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
@@ -158,8 +161,12 @@ class BatchedEmbeddingBags(TableModule):
             if single:
                 return weight.index_select(0, idx).view(b, t, self.embedding_dim)
         pooled = F.embedding_bag(idx, weight, kjt.offsets().to(torch.int64), mode=self.mode,
-                                 include_last_offset=True)
-        return pooled.view(t, b, self.embedding_dim).transpose(0, 1)
+                                 include_last_offset=True).view(t, b, self.embedding_dim)
+        if self.mean_tables:
+            m = torch.tensor(self.mean_tables, device=pooled.device)
+            n = kjt.lengths().view(t, b).index_select(0, m).clamp(min=1).to(pooled.dtype)
+            pooled = pooled.index_copy(0, m, pooled.index_select(0, m) / n.unsqueeze(-1))
+        return pooled.transpose(0, 1)
 
     def _distinct(self, kjt: KeyedJaggedTensor, single: bool,
                   facts: BatchFacts) -> Tuple[torch.Tensor, DistinctIds]:
@@ -227,6 +234,8 @@ class _GatherRows(torch.autograd.Function):
         return g, None
 
 
-def table_config(name: str, feature: str, rows: int, dim: int) -> EmbeddingBagConfig:
+def table_config(name: str, feature: str, rows: int, dim: int,
+                 pooling: str = "sum") -> EmbeddingBagConfig:
     return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows,
-                              feature_names=[feature], pooling=PoolingType.SUM)
+                              feature_names=[feature],
+                              pooling=PoolingType.MEAN if pooling == "mean" else PoolingType.SUM)

@@ -128,7 +128,8 @@ def fuse_embeddings(model: nn.Module, optimizer: str, lr: float, eps: float = 1e
     """
     replace: Dict[str, BatchedEmbeddingBags] = {
         n: m for n, m in model.named_modules()
-        if isinstance(m, BatchedEmbeddingBags) and m.embedding_dim % 4 == 0}
+        if isinstance(m, BatchedEmbeddingBags) and m.embedding_dim % 4 == 0
+        and not m.mean_tables}   # (fbgemm pools every table of a TBE the same way)
     for name, module in replace.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -150,6 +150,11 @@ def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
     """Write `model` (trained on `schema`, on the CPU) into `out_dir` as described above; returns
     what was written. A model torch.export cannot trace is a one-line CtrkitError."""
     out_dir = Path(out_dir)
+    multi = [f.name for f in schema.sparse if f.multi]
+    if multi:
+        raise CtrkitError(f"export: multi-hot features ({', '.join(multi)}) are not exported yet "
+                          "(the program takes one id per feature, ids [B, F]); score such a run "
+                          "with `ctrkit predict`")
     folder = _prepare_folder(out_dir, schema)
     program_files = {"torch_export": PROGRAM, "torchscript": None, "torchscript_skipped": None}
     spec = preprocess_spec(schema, program_files)   # (before the slow part: the schema is usable)

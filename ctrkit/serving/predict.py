@@ -26,7 +26,7 @@ from ctrkit.config import Config, load_config
 from ctrkit.data.encode import RowEncoder
 from ctrkit.data.formats import (Layout, header_name, parquet_columns, resolve_layout,
                                   table_layout)
-from ctrkit.data.loader import make_batch
+from ctrkit.data.loader import Bags, bag_rows, make_batch
 from ctrkit.data.prefetch import prefetch
 from ctrkit.data.preprocess import split_files
 from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
@@ -121,13 +121,14 @@ class Predictor:
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
-    def _score(self, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    def _score(self, sparse: np.ndarray, dense: np.ndarray, multi: Bags) -> np.ndarray:
         """Probabilities of encoded rows, in model batches of SCORE_ROWS (a 400-wide MLP runs
         1.5x faster on 4096 rows at a time than on 65536 here: they stay in the cache)."""
         out = []
         for s in range(0, len(sparse), SCORE_ROWS):
             sp, de = sparse[s:s + SCORE_ROWS], dense[s:s + SCORE_ROWS]
-            batch = make_batch(self.keys, sp, de, np.zeros(len(sp), np.float32), self._ones)
+            batch = make_batch(self.keys, sp, de, np.zeros(len(sp), np.float32), self._ones,
+                               multi=bag_rows(multi, s, s + len(sp)) if multi else None)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = batch.logits(self.model)
             out.append(torch.sigmoid(logits.float()).double().numpy())
@@ -142,9 +143,9 @@ class Predictor:
     def _scored(self, batches: Iterator[pa.RecordBatch], layout: Layout):
         """(record batch, probabilities, labels or None) per batch of rows; the next batches
         are read and encoded in a thread while this one is scored."""
-        for part, sparse, dense, labels in prefetch(self._encoded(batches, layout), PREFETCH,
+        for part, sparse, dense, labels, multi in prefetch(self._encoded(batches, layout), PREFETCH,
                                                     name="ctrkit-predict-encode"):
-            yield part, self._score(sparse, dense), labels
+            yield part, self._score(sparse, dense, multi), labels
 
     def predict(self, rows: Rows, skip_bad_rows: bool = False) -> np.ndarray:
         """One probability per row of a DataFrame, pyarrow Table or list of dicts."""
