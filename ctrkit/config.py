@@ -87,6 +87,12 @@ class DataConfig(_Strict):
                                  "without it nothing is evaluated during training.")
     test: Optional[str] = Field(default=None, description="Test split (path or glob), evaluated "
                                 "with the best checkpoint at the end.")
+    valid_fraction: Optional[float] = Field(default=None, gt=0, lt=1, description=(
+        "The validation split is the last fraction of the training files' rows, in file order "
+        "(before test_fraction's rows), as CTR logs are usually evaluated; vocabularies are "
+        "fitted on the rows before it. Not with data.valid. Costs one more read of the files."))
+    test_fraction: Optional[float] = Field(default=None, gt=0, lt=1, description=(
+        "The test split is the last fraction of the training files' rows. Not with data.test."))
     header: Literal["auto", True, False] = Field(
         default="auto", description="Whether files start with a header line; `auto` guesses from "
                                     "the first line.")
@@ -135,6 +141,16 @@ class DataConfig(_Strict):
     @classmethod
     def _registered_format(cls, v: str) -> str:
         return FORMATS.check(v, "format")
+
+    @model_validator(mode="after")
+    def _a_split_is_files_or_a_fraction(self) -> "DataConfig":
+        for split in ("valid", "test"):
+            if getattr(self, split) and getattr(self, f"{split}_fraction"):
+                raise ValueError(f"data.{split} and data.{split}_fraction: give one of them")
+        if (self.valid_fraction or 0) + (self.test_fraction or 0) >= 1:
+            raise ValueError("data.valid_fraction + data.test_fraction must be < 1 (the rest "
+                             "is the training split)")
+        return self
 
     @model_validator(mode="after")
     def _hash_needs_buckets(self) -> "DataConfig":

@@ -110,3 +110,42 @@ def test_many_files_prepared_in_parallel_equal_one_process(tmp_path):
             assert np.array_equal(cat(one), cat(many)), (split, part)
     t = one.splits["train"]
     assert t.rows_read == 3000 and t.rows_written == 2999 and t.skipped == {"bad_label": 1}
+
+
+def test_valid_and_test_can_be_the_last_rows_of_the_training_files(tmp_path):
+    """valid_fraction / test_fraction: in file order, the first rows train, then valid, then test;
+    vocabularies come from the training rows only; rows read = written + skipped + held out."""
+    import pyarrow.feather as feather
+
+    from ctrkit.config import load_config
+    from ctrkit.data.shards import load_shard
+    from ctrkit.errors import ConfigError
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 2000, seed=5, card_scale=0.01, progress=False)
+    lines = (raw / "train.tsv").read_bytes().splitlines(keepends=True)
+    (tmp_path / "day_0.tsv").write_bytes(b"".join(lines[:1200]))
+    (tmp_path / "day_1.tsv").write_bytes(b"".join(lines[1200:]))
+    (tmp_path / "head.tsv").write_bytes(b"".join(lines[:1600]))
+
+    def run(name, train, *extra):
+        cfg = load_config(None, [f"data.train={train}", f"data.prepared_dir={tmp_path / name}",
+                                 "data.shard_rows=300", *extra])
+        return pp.prepare(cfg, progress=False)
+    cut = run("cut", tmp_path / "day_*.tsv", "data.valid_fraction=0.1", "data.test_fraction=0.1")
+    ref = run("ref", tmp_path / "head.tsv")   # the first 80 % as a file of its own
+    t, v, s = (cut.splits[k] for k in ("train", "valid", "test"))
+    assert (t.rows_read, t.rows_written, t.held_out) == (2000, 1600, {"valid": 200, "test": 200})
+    assert (v.rows_written, s.rows_written, v.from_split, s.from_split) == (200, 200, "train", "train")
+    for f in cut.sparse:   # fitted on the 1600 training rows only
+        assert feather.read_table(str(cut.vocab_path(f.name))).equals(
+            feather.read_table(str(ref.vocab_path(f.name))))
+    rows = lambda sch, split: np.concatenate(  # noqa: E731
+        [load_shard(sch.root, n).labels for n in sch.splits[split].shards])
+    assert np.array_equal(rows(cut, "train"), rows(ref, "train"))
+    labels = np.array([float(x[:1]) for x in lines])
+    assert np.array_equal(rows(cut, "valid"), labels[1600:1800])
+    assert np.array_equal(rows(cut, "test"), labels[1800:])
+    with pytest.raises(ConfigError, match="data.valid and data.valid_fraction"):
+        load_config(None, ["data.valid=x.tsv", "data.valid_fraction=0.1"])
+    with pytest.raises(ConfigError, match="must be < 1"):
+        load_config(None, ["data.valid_fraction=0.6", "data.test_fraction=0.4"])

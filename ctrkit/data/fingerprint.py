@@ -10,7 +10,7 @@ from ctrkit.config import DataConfig
 from ctrkit.version import __version__
 
 # data.* keys whose value changes what prepare writes (read_block_mb etc. only change its speed)
-DATA_KEYS = ("format", "header", "delimiter", "label", "min_count", "vocab", "max_size", "hash_buckets", "dense_transform", "features",
+DATA_KEYS = ("format", "header", "delimiter", "label", "min_count", "valid_fraction", "test_fraction", "vocab", "max_size", "hash_buckets", "dense_transform", "features",
          "skip_bad_rows", "shard_rows")
 
 

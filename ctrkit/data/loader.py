@@ -6,7 +6,7 @@ disjoint slice of every shard. Resuming skips batches by position without readin
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from ctrkit.data.batch import Batch, BatchFacts
 from ctrkit.data.ids import distinct_ids
 from ctrkit.data.prefetch import prefetch
 from ctrkit.data.schema import Schema
-from ctrkit.data.shards import load_shard
+from ctrkit.data.shards import Bags, load_shard
 
 
 
@@ -110,18 +110,6 @@ class BatchLoader:
         made = (self._make(parts) for parts in plan)
         yield from (made if self.prefetch <= 0 else
                     prefetch(made, self.prefetch, name=f"ctrkit-loader-{self.split}"))
-
-
-Bags = Dict[str, Tuple[np.ndarray, np.ndarray]]   # multi-hot feature -> (ids, lengths [B])
-
-
-def bag_rows(multi: Bags, start: int, end: int) -> Bags:
-    """Rows start..end of multi-hot bags."""
-    out = {}
-    for name, (ids, lengths) in multi.items():
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        out[name] = (ids[offsets[start]:offsets[end]], lengths[start:end])
-    return out
 
 
 def make_batch(keys: List[str], sparse: np.ndarray, dense: np.ndarray, labels: np.ndarray,

@@ -35,7 +35,7 @@ from ctrkit.data.formats import Layout, resolve_layout
 from ctrkit.data.prefetch import prefetch
 from ctrkit.data.reader import ReadStats, iter_batches
 from ctrkit.data.schema import SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
-from ctrkit.data.shards import ShardWriter
+from ctrkit.data.shards import ShardWriter, bag_rows
 from ctrkit.data.transforms import sparse_column
 from ctrkit.data.vocab import ValueCounter, fit_vocab
 from ctrkit.errors import ConfigError, CtrkitError, DataError
@@ -177,37 +177,69 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
 def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progress: bool) -> Schema:
     layout = resolve_layout(dc, files["train"][0])
     stamps = {p: _stamp(p) for fs in files.values() for p in fs}
-    workers = min(dc.prepare_workers, max(len(fs) for fs in files.values()))
+    carve = _held_out(dc, files["train"], progress)   # rows of train kept for valid/test
+    workers = 1 if carve else min(dc.prepare_workers, max(len(fs) for fs in files.values()))
     with _pool(workers) as pool:
         counted = ReadStats()
-        feats = _fit_vocabularies(dc, files["train"], layout, tmp, counted, progress, pool)
+        feats = _fit_vocabularies(dc, files["train"], layout, tmp, counted, progress, pool,
+                                  limit=carve[0] if carve else None)
         schema = Schema(format=dc.format, label=layout.label, features=feats, splits={}, root=tmp)
         for split, fs in files.items():
-            if pool is None or len(fs) == 1:
-                shards, stats, positives = _encode_files(dc, fs, split, schema, "", progress)
+            if carve and split == "train":
+                parts = _encode_files(dc, fs, split, schema, "", progress, carve)
+            elif pool is None or len(fs) == 1:
+                parts = _encode_files(dc, fs, split, schema, "", progress)
             else:   # one file per task; each file's shards are its own (part-f<file>-<k>)
-                shards, stats, positives = [], ReadStats(), 0
                 tasks = [pool.submit(_encode_files, dc, [path], split, schema, f"f{i:05d}-", False)
                          for i, path in enumerate(fs)]
+                parts = {split: ([], ReadStats(), 0)}
                 for task in tqdm(tasks, desc=f"prepare {split}", unit=" file",
                                  disable=not progress):
-                    part_shards, part_stats, part_positives = task.result()
-                    shards += part_shards
+                    (more, part_stats, part_positives), = task.result().values()
+                    shards, stats, positives = parts[split]
                     stats.merge(part_stats)
-                    positives += part_positives
+                    parts[split] = (shards + more, stats, positives + part_positives)
             for path in fs:
                 if _stamp(path) != stamps[path]:
                     raise DataError(path, "changed while being prepared; prepare again")
-            if split == "train" and counted.files and stats.rows_read != counted.rows_read:
+            stats = parts[split][1]
+            if split == "train" and counted.files and not carve and \
+                    stats.rows_read != counted.rows_read:
                 raise DataError(fs[0], f"changed while being prepared ({counted.rows_read} rows "
                                        f"counted, {stats.rows_read} encoded); prepare again")
-            d = stats.as_dict()
-            schema.splits[split] = SplitInfo(files=d["files"], rows_read=d["rows_read"],
-                                             rows_written=d["rows_written"],
-                                             rows_skipped=d["rows_skipped"], skipped=d["skipped"],
-                                             shards=shards, positives=positives)
+            for name, (shards, stats, positives) in parts.items():
+                d = stats.as_dict()
+                schema.splits[name] = SplitInfo(
+                    files=d["files"], rows_read=d["rows_read"], rows_written=d["rows_written"],
+                    rows_skipped=d["rows_skipped"], skipped=d["skipped"], shards=shards,
+                    positives=positives, from_split=None if name == split else split)
+            if carve and split == "train":
+                held = {k: schema.splits[k].rows_written for k in parts if k != split}
+                schema.splits[split].held_out = held
+                schema.splits[split].rows_written -= sum(held.values())
     schema.root = None
     return schema
+
+
+def _held_out(dc: DataConfig, files: List[Path], progress: bool) -> Optional[Tuple[int, ...]]:
+    """With data.valid_fraction / test_fraction: (training rows, validation rows, test rows) of
+    the training files' rows (after skips), from one counting read; else None."""
+    if not (dc.valid_fraction or dc.test_fraction):
+        return None
+    stats = ReadStats()
+    bar = tqdm(desc="prepare rows", unit=" rows", disable=not progress, mininterval=1.0)
+    rows = 0
+    for _, _, batch in _batches(dc, files, stats):
+        rows += batch.num_rows
+        bar.update(batch.num_rows)
+    bar.close()
+    valid, test = round(rows * (dc.valid_fraction or 0)), round(rows * (dc.test_fraction or 0))
+    for key, n in (("valid_fraction", valid), ("test_fraction", test)):
+        if getattr(dc, key) and n < 1:
+            raise DataError(files[0], f"data.{key}={getattr(dc, key)} of {rows} rows holds no row")
+    if rows - valid - test < 1:
+        raise DataError(files[0], f"{rows} rows leave no training row after the held-out ones")
+    return rows - valid - test, valid, test
 
 
 @contextlib.contextmanager
@@ -223,33 +255,61 @@ def _pool(workers: int) -> Iterator[Optional[ProcessPoolExecutor]]:
 
 
 def _encode_files(dc: DataConfig, files: List[Path], split: str, schema: Schema, tag: str,
-                  progress: bool) -> Tuple[List[str], ReadStats, int]:
+                  progress: bool, carve: Optional[Tuple[int, ...]] = None
+                  ) -> Dict[str, Tuple[List[str], ReadStats, int]]:
     """Pass 2 over `files`, in order, into shards `<split>/part-<tag><k>` of schema.root:
-    (shard names, row accounting, positives)."""
+    {split: (shard names, row accounting, positives)}. With `carve` (training, validation, test
+    rows), the rows after the first go to `valid` and `test` in file order."""
     encoder = RowEncoder(schema)
-    layout_sparse = [f for f in schema.sparse]
+    multi = tuple(f.name for f in schema.sparse if f.multi)
+    ends: List[Tuple[str, Optional[int]]] = [(split, None)]   # (split, its last row + 1)
+    if carve:
+        n_train, n_valid, n_test = carve
+        ends = [(split, n_train)] + [(s, None) for s, n in (("valid", n_valid), ("test", n_test))
+                                     if n]
+        if n_valid and n_test:
+            ends[1] = ("valid", n_train + n_valid)
+        ends[-1] = (ends[-1][0], None)   # (the last takes the rest)
+    writers = {s: ShardWriter(Path(schema.root), s, len(schema.sparse), len(schema.dense),
+                              dc.shard_rows, multi=multi, tag=tag) for s, _ in ends}
     stats = ReadStats()
-    writer = ShardWriter(Path(schema.root), split, len(layout_sparse), len(schema.dense),
-                         dc.shard_rows, multi=tuple(f.name for f in layout_sparse if f.multi),
-                         tag=tag)
+    row = 0
     bar = tqdm(desc=f"prepare {split}", unit=" rows", disable=not progress, mininterval=1.0)
     for path, lay, batch in _batches(dc, files, stats):
         encoder.check(lay, str(path))
-        sparse, dense, labels, multi = encoder.encode(batch, lay)
-        writer.add(sparse, dense, labels, multi)
+        sparse, dense, labels, bags = encoder.encode(batch, lay)
+        start = 0
+        for s, end in ends:   # (the split of each row: by its position in file order)
+            stop = len(labels) if end is None else max(start, min(len(labels), end - row))
+            if stop > start:
+                writers[s].add(sparse[start:stop], dense[start:stop], labels[start:stop],
+                               bag_rows(bags, start, stop) if bags else None)
+            start = stop
+        row += len(labels)
         bar.update(batch.num_rows)
     bar.close()
-    shards = writer.close()
-    stats.rows_written = writer.rows
-    return shards, stats, int(writer.positives)
+    out = {}
+    for s, w in writers.items():
+        shards = w.close()
+        part = stats if s == split else ReadStats(files=list(stats.files), rows_read=w.rows)
+        part.rows_written = w.rows if s != split else sum(x.rows for x in writers.values())
+        out[s] = (shards, part, int(w.positives))
+    return out
 
 
 def _count_files(dc: DataConfig, files: List[Path], names: List[str], stats: ReadStats,
-                 progress: bool) -> Dict[str, ValueCounter]:
-    """Pass 1 over `files`: each of the features `names`' values counted."""
+                 progress: bool, limit: Optional[int] = None) -> Dict[str, ValueCounter]:
+    """Pass 1 over `files`: each of the features `names`' values counted (of the first `limit`
+    rows only, when given: the rest is held out)."""
     counters = {n: ValueCounter() for n in names}
     bar = tqdm(desc="prepare count", unit=" rows", disable=not progress, mininterval=1.0)
+    seen = 0
     for _, lay, batch in _batches(dc, files, stats):
+        if limit is not None:
+            batch = batch.slice(0, max(0, limit - seen))
+            seen += batch.num_rows
+            if batch.num_rows == 0:
+                continue
         for f in lay.sparse:
             if f.name in counters:
                 counters[f.name].add(sparse_column(batch, f))
@@ -284,7 +344,8 @@ def _batches(dc: DataConfig, files: List[Path], stats: ReadStats):
 
 def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Path,
                       stats: ReadStats, progress: bool,
-                      pool: Optional[ProcessPoolExecutor] = None) -> List[FeatureInfo]:
+                      pool: Optional[ProcessPoolExecutor] = None,
+                      limit: Optional[int] = None) -> List[FeatureInfo]:
     """Pass 1: count the training split's values of the `vocab: count` features (a file per
     worker process with a pool, merged in file order: the same vocabularies), write each one's
     vocabulary (vocab/<feature>.arrow: value, count; id i + 2 is row i) and return the features'
@@ -292,7 +353,7 @@ def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Pa
     names = [f.name for f in layout.sparse if f.vocab == "count"]
     counters: Dict[str, ValueCounter] = {}
     if names and (pool is None or len(files) == 1):
-        counters = _count_files(dc, files, names, stats, progress)
+        counters = _count_files(dc, files, names, stats, progress, limit)
     elif names:
         counters = {n: ValueCounter() for n in names}
         tasks = [pool.submit(_counts_of_file, dc, path, names) for path in files]

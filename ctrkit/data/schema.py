@@ -55,6 +55,10 @@ class SplitInfo:
     skipped: Dict[str, int]
     shards: List[str] = field(default_factory=list)
     positives: int = 0
+    # the training split's rows held out as valid/test (data.valid_fraction / test_fraction):
+    # rows read = written + skipped + held out; a held-out split names the split it came from
+    held_out: Dict[str, int] = field(default_factory=dict)
+    from_split: Optional[str] = None
 
 
 @dataclass

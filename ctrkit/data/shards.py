@@ -50,6 +50,18 @@ def load_shard(root: Path, name: str, mmap: bool = True) -> Shard:
                  np.load(d / "label.npy", mmap_mode=mode), multi)
 
 
+Bags = Dict[str, Tuple[np.ndarray, np.ndarray]]   # multi-hot feature -> (ids, lengths [B])
+
+
+def bag_rows(multi: Bags, start: int, end: int) -> Bags:
+    """Rows start..end of multi-hot bags."""
+    out = {}
+    for name, (ids, lengths) in multi.items():
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        out[name] = (ids[offsets[start]:offsets[end]], lengths[start:end])
+    return out
+
+
 MULTI_IDS, MULTI_OFFSETS = ".ids.npy", ".offsets.npy"   # <feature>.ids.npy, <feature>.offsets.npy
 
 

@@ -26,7 +26,8 @@ from ctrkit.config import Config, load_config
 from ctrkit.data.encode import RowEncoder
 from ctrkit.data.formats import (Layout, header_name, parquet_columns, resolve_layout,
                                   table_layout)
-from ctrkit.data.loader import Bags, bag_rows, make_batch
+from ctrkit.data.loader import make_batch
+from ctrkit.data.shards import Bags, bag_rows
 from ctrkit.data.prefetch import prefetch
 from ctrkit.data.preprocess import split_files
 from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
