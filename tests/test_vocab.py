@@ -149,3 +149,34 @@ def test_valid_and_test_can_be_the_last_rows_of_the_training_files(tmp_path):
         load_config(None, ["data.valid=x.tsv", "data.valid_fraction=0.1"])
     with pytest.raises(ConfigError, match="must be < 1"):
         load_config(None, ["data.valid_fraction=0.6", "data.test_fraction=0.4"])
+
+
+def test_a_file_read_in_pieces_prepares_as_when_read_whole(tmp_path, capsys):
+    """read_whole_mb=0: an 8 MB file is parsed in pieces of a few 1 MB blocks cut at line ends;
+    the prepared folder equals the whole-file read's, and a bad value deep in the file is still
+    named by its line."""
+    import filecmp
+
+    from ctrkit.config import load_config
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 33000, seed=6, card_scale=0.05, progress=False)
+    assert (raw / "train.tsv").stat().st_size > 6 << 20
+
+    def run(name, *extra):
+        cfg = load_config(None, [f"data.train={raw / 'train.tsv'}", f"data.prepared_dir={tmp_path / name}",
+                                 "data.read_block_mb=1", *extra])
+        return pp.prepare(cfg, progress=False)
+    whole, pieces = run("whole"), run("pieces", "data.read_whole_mb=0")
+    cmp = filecmp.dircmp(whole.root, pieces.root, ignore=["schema.json", ".ctrkit-manifest.json",
+                                                          ".ctrkit-lock"])
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
+    for sub in cmp.subdirs.values():
+        for sub2 in [sub, *sub.subdirs.values()]:
+            assert not sub2.diff_files, sub2.diff_files
+    lines = (raw / "train.tsv").read_bytes().splitlines(keepends=True)
+    lines[30000] = b"x" + lines[30000][1:]
+    (tmp_path / "bad.tsv").write_bytes(b"".join(lines))
+    code = main(["prepare", f"data.train={tmp_path / 'bad.tsv'}", "data.read_whole_mb=0",
+                 "data.read_block_mb=1", f"data.prepared_dir={tmp_path / 'bad'}", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.tsv:30001" in err, err

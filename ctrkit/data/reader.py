@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,14 @@ def _iter_csv(path: Path, layout: Layout, block_mb: int, stats: ReadStats, skip_
             table = pacsv.read_csv(stream, read_options=read, parse_options=parse,
                                    convert_options=convert)
             reader = table.to_batches(max_chunksize=1 << 20)
+        elif not layout.quoting:
+            # No quoted fields, so no line break inside a value: pieces of a few blocks cut at a
+            # line end, each parsed in parallel; memory is one piece, whatever the file's size.
+            reader = _pieces(stream, read, parse, convert, read.block_size * max(2, os.cpu_count() or 1))
         else:
+            # (the streaming reader with threads reads ahead of its consumer without a bound:
+            # one thread keeps memory to a block)
+            read.use_threads = False
             reader = pacsv.open_csv(stream, read_options=read, parse_options=parse,
                                     convert_options=convert)
         for batch in reader:
@@ -199,6 +207,35 @@ def _iter_csv(path: Path, layout: Layout, block_mb: int, stats: ReadStats, skip_
         raise diagnose(path, layout, str(e)) from None
     stats.rows_read += len(invalid)
     stats.skip("wrong_column_count", len(invalid))
+
+
+def _pieces(stream, read: pacsv.ReadOptions, parse: pacsv.ParseOptions,
+            convert: pacsv.ConvertOptions, size: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of a CSV without quoting, read `size` bytes at a time, each piece ending at
+    a line end and parsed by `read_csv` (its blocks in parallel)."""
+    rest, first = b"", True
+    while True:
+        data = stream.read(size)
+        buf = rest + data
+        if not data:
+            if not buf:
+                return
+            cut = len(buf)
+        else:
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:   # (a line longer than a piece: read on)
+                rest = buf
+                continue
+        piece, rest = buf[:cut], buf[cut:]
+        table = pacsv.read_csv(pa.py_buffer(piece), read_options=read, parse_options=parse,
+                               convert_options=convert)
+        if first:   # later pieces have no header line, and the names the first one had
+            first = False
+            read = pacsv.ReadOptions(block_size=read.block_size, use_threads=read.use_threads,
+                                     column_names=table.column_names, skip_rows=0)
+        yield from table.to_batches(max_chunksize=1 << 20)
+        if not data:
+            return
 
 
 def _check_values(batch: pa.RecordBatch, layout: Layout) -> None:
