@@ -8,7 +8,8 @@ For each row count the shared generator (../shared/tools/gen_criteo_like.py, the
 every size: the 1M-row file is the reference data) writes DATA/rows_<n>/train.tsv once. For each
 vocabulary rule (`count`: fitted vocabularies, min_count from CONFIG; `hash`: `hash_buckets` ids
 per feature, no counting pass) a fresh `ctrkit prepare` runs in a process of its own under
-/usr/bin/time, which gives its peak RSS; its wall time gives rows/s. pyarrow's plain
+/usr/bin/time, which gives its peak RSS; its own time (schema.json's `seconds`, without the
+interpreter's start-up and imports: `wall_*` include them) gives rows/s. pyarrow's plain
 `read_csv` of the same file, in another process right before it, gives the read speed the ratio
 is against (the CPU's speed drifts: each ratio is from one pair run back to back). `--tree`
 prepares with another checkout of ctrkit (the code before streaming prepare, say), as `old`.
@@ -78,10 +79,13 @@ def measure(args, rows: int, vocab: str) -> dict:
     schema = json.loads((out / "schema.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     vocab_values = sum(f["vocab_size"] - 2 for f in schema["features"] if f["kind"] == "sparse")
+    own = float(schema.get("seconds") or wall)   # prepare's own time, without the start-up
     return {"rows": rows, "vocab": vocab, "code": str(tree), "file_mb": round(path.stat().st_size / 2**20),
-            "peak_rss_mb": round(peak), "wall_s": round(wall, 2),
-            "prepare_rows_per_s": round(rows / wall), "read_rows_per_s": round(read_rows_per_s),
-            "prepare_over_read": round(rows / wall / read_rows_per_s, 3),
+            "peak_rss_mb": round(peak), "wall_s": round(wall, 2), "prepare_s": round(own, 2),
+            "prepare_rows_per_s": round(rows / own), "wall_rows_per_s": round(rows / wall),
+            "read_rows_per_s": round(read_rows_per_s),
+            "prepare_over_read": round(rows / own / read_rows_per_s, 3),
+            "wall_over_read": round(rows / wall / read_rows_per_s, 3),
             "vocabulary_values": vocab_values,
             "hash_buckets": args.hash_buckets if vocab == "hash" else None,
             "host": platform.node(), "cpus": os.cpu_count(),
@@ -115,6 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise SystemExit(f"bench/prepare_scale.py: error: --vocab {v}: count or hash")
         for d in (args.out, args.work, args.data):
             d.mkdir(parents=True, exist_ok=True)
+        args.data, args.work = args.data.resolve(), args.work.resolve()   # (--tree runs elsewhere)
         done = {}
         for rows in args.rows:
             for vocab in args.vocab:
