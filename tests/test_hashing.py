@@ -20,6 +20,9 @@ def test_fnv1a64_matches_the_byte_by_byte_definition():
     assert fnv1a64(arr.slice(2, 3)).tolist() == [_fnv_reference(v) for v in values[2:5]]
     assert _fnv_reference("a") == 0xAF63DC4C8601EC8C          # the published FNV-1a test vector
     assert fnv1a64(pa.array([5, 12])).tolist() == [_fnv_reference("5"), _fnv_reference("12")]
+    hexes = ["68fd1e64", "05db9164", "ae82ea21", "8cf07265"]     # one length: the byte-matrix path
+    assert fnv1a64(pa.array(hexes)).tolist() == [_fnv_reference(v) for v in hexes]
+    assert fnv1a64(pa.array(hexes).slice(1, 2)).tolist() == [_fnv_reference(v) for v in hexes[1:3]]
 
 
 def test_vocab_index_finds_positions_and_never_confuses_values():

@@ -62,7 +62,8 @@ class RowEncoder:
     def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
         d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
         remap = self._remap(d.dictionary, f)
-        idx = pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False)
+        idx = d.indices if d.indices.null_count == 0 else pc.fill_null(d.indices, -1)
+        idx = idx.to_numpy(zero_copy_only=False)
         return np.append(remap, np.int32(MISSING_ID))[idx]   # (-1, missing, picks the last slot)
 
     def _bags(self, lists: pa.ListArray, f: Feature) -> Tuple[np.ndarray, np.ndarray]:
@@ -85,7 +86,10 @@ class RowEncoder:
         bags {feature: (ids int32, lengths [B] int32)}; a multi-hot feature's column of `sparse`
         holds 0)."""
         n = batch.num_rows
-        sparse = np.empty((n, len(layout.sparse)), np.int32)
+        # filled feature by feature, so each column is written contiguously; `sparse` is its
+        # transpose, [B, F] (a strided column write touched one cache line per row)
+        columns = np.empty((len(layout.sparse), n), np.int32)
+        sparse = columns.T
         multi: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         for j, f in enumerate(layout.sparse):
             col = sparse_column(batch, f)
@@ -93,9 +97,9 @@ class RowEncoder:
                 col = col.combine_chunks()
             if f.is_multi:
                 multi[f.name] = self._bags(col, f)
-                sparse[:, j] = 0
+                columns[j] = 0
             else:
-                sparse[:, j] = self._ids(col, f)
+                columns[j] = self._ids(col, f)
         dense_cols: List[np.ndarray] = [dense_column([batch.column(f.source)], f, n)
                                         for f in layout.dense]
         dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
