@@ -8,15 +8,16 @@ never a traceback; the result is printed as JSON on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import ctrkit
 from ctrkit.config import Config
 from ctrkit.errors import CtrkitError
-from ctrkit.ownership import is_disk_error
+from ctrkit.ownership import LOCK, MANIFEST, OwnedFolder, is_disk_error
 
 
 def comma_list(kind: type, what: str, allow_empty: bool = False) -> Callable[[str], list]:
@@ -99,3 +100,24 @@ def parse(p: argparse.ArgumentParser, argv: List[str] | None):
         return p.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+
+
+def remove_owned_folder(folder: Path, kind: str) -> Optional[str]:
+    """Remove what ctrkit recorded in `folder` (a ctrkit `kind`: ctrkit.ownership), then the
+    folder if nothing else is left in it. Returns a note when something was left."""
+    if not folder.is_dir():
+        return None
+    owned = OwnedFolder(folder, kind)
+    if not owned.owned:
+        return f"{folder} is not a ctrkit {kind}; left as it is"
+    with owned.lock(exclusive=True, wait=False):
+        owned.clear()
+    left = owned.contents()
+    if left:
+        return f"{folder} kept: it holds {left[0]}, which ctrkit did not write"
+    for name in (MANIFEST, LOCK):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return None

@@ -18,10 +18,10 @@ skipped.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import bench_args
+from ctrkit.data.preprocess import PREPARED
 from fixed_runs import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,18 +67,18 @@ def measure(args, rows: int, vocab: str) -> dict:
     path = _data(args.data, rows)
     read_rows_per_s = float(_timed([sys.executable, "-c", READ, str(path)], ROOT)[2])
     out = args.work / f"prep_{vocab}_{rows}"
-    shutil.rmtree(out, ignore_errors=True)
-    keys = [f"data.train={path}", "data.valid=null", "data.test=null",
-            f"data.prepared_dir={out}", *args.overrides]
+    keys = [f"data.train={path}", "data.valid=null", "data.test=null",   # (overwrite: a fresh
+            f"data.prepared_dir={out}", "data.overwrite=true", *args.overrides]   # prepare)
     if vocab == "hash":
         keys += ["data.vocab=hash", f"data.hash_buckets={args.hash_buckets}"]
     tree = args.tree or ROOT
     env = dict(os.environ, PYTHONPATH=str(tree))
     wall, peak, _ = _timed([sys.executable, "-m", "ctrkit", "prepare", str(args.config.resolve()),
                             *keys, "--quiet"], tree, env)
-    import json
     schema = json.loads((out / "schema.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
+    note = bench_args.remove_owned_folder(out, PREPARED)   # (only what ctrkit wrote there)
+    if note:
+        print(f"prepare_scale: {note}", file=sys.stderr)
     vocab_values = sum(f["vocab_size"] - 2 for f in schema["features"] if f["kind"] == "sparse")
     own = float(schema.get("seconds") or wall)   # prepare's own time, without the start-up
     return {"rows": rows, "vocab": vocab, "code": str(tree), "file_mb": round(path.stat().st_size / 2**20),
@@ -92,11 +93,18 @@ def measure(args, rows: int, vocab: str) -> dict:
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def count_or_hash(name: str) -> str:
+    if name not in ("count", "hash"):
+        raise ValueError(name)
+    return name
+
+
 def build_parser() -> bench_args.Parser:
     p = bench_args.parser("bench/prepare_scale.py", __doc__.splitlines()[1])
     p.add_argument("--rows", type=bench_args.comma_list(int, "--rows"),
                    default=[1_000_000, 4_000_000, 16_000_000])
-    p.add_argument("--vocab", type=bench_args.comma_list(str, "--vocab"), default=["count", "hash"])
+    p.add_argument("--vocab", type=bench_args.comma_list(count_or_hash, "--vocab"),
+                   default=["count", "hash"], help="vocabulary rules: count, hash")
     p.add_argument("--hash-buckets", type=bench_args.count(1), default=1_000_000)
     p.add_argument("--data", type=Path, default=Path("runs/prepare_scale/data"),
                    help="the generated files (kept for the next run)")
@@ -114,9 +122,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def body() -> dict:
         bench_args.load(args)   # (a bad config or --set is one line, before any work)
-        for v in args.vocab:
-            if v not in ("count", "hash"):
-                raise SystemExit(f"bench/prepare_scale.py: error: --vocab {v}: count or hash")
         for d in (args.out, args.work, args.data):
             d.mkdir(parents=True, exist_ok=True)
         args.data, args.work = args.data.resolve(), args.work.resolve()   # (--tree runs elsewhere)

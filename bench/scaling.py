@@ -324,26 +324,9 @@ def read_curve(run_dir: Path, n: int, batch: int) -> List[dict]:
 
 
 def remove_run_folder(run_dir: Path) -> Optional[str]:
-    """Remove what ctrkit recorded in a run folder (ctrkit.ownership), then the folder if nothing
-    else is left in it. Returns a note when something was left."""
-    from ctrkit.ownership import LOCK, MANIFEST, OwnedFolder
+    """Remove what ctrkit recorded in a run folder (bench_args.remove_owned_folder)."""
     from ctrkit.train.run_dir import RUN
-    if not run_dir.is_dir():
-        return None
-    folder = OwnedFolder(run_dir, RUN)
-    if not folder.owned:
-        return f"{run_dir} is not a ctrkit run folder; left as it is"
-    with folder.lock(exclusive=True, wait=False):
-        folder.clear()
-    left = folder.contents()
-    if left:
-        return f"{run_dir} kept: it holds {left[0]}, which ctrkit did not write"
-    for name in (MANIFEST, LOCK):
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / name).unlink()
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()
-    return None
+    return bench_args.remove_owned_folder(run_dir, RUN)
 
 
 def _git_commit() -> Optional[str]:

@@ -109,17 +109,22 @@ def test_fused_fbgemm_rowwise_adagrad_matches_native():
     from ctrkit.models.fused import FusedEmbeddingBags
     native = _bags(100, tables=3, dim=8)
     fused = FusedEmbeddingBags(_bags(100, tables=3, dim=8), "rowwise_adagrad", lr=0.1)
-    opt = RowSparseAdagrad([native.weight], lr=0.1, rowwise=True)
-    torch.manual_seed(1)
-    for _ in range(3):
+    _step_together(native, fused, [RowSparseAdagrad([native.weight], lr=0.1, rowwise=True)], 1)
+    for i in range(3):
+        assert torch.allclose(native.table_weight(i).detach(), fused.table_weight(i), atol=1e-5)
+
+
+def _step_together(native, fused, opts, seed: int, steps: int = 3) -> None:
+    """The same squared-error steps on both modules; `opts` step after each backward."""
+    torch.manual_seed(seed)
+    for _ in range(steps):
         kjt = _kjt(torch.randint(0, 100, (3, 16)))
         target = torch.randn(16, 3, 8)
         for m in (native, fused):
             ((m(kjt) - target) ** 2).sum().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for i in range(3):
-        assert torch.allclose(native.table_weight(i).detach(), fused.table_weight(i), atol=1e-5)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
 
 
 def test_loader_precomputed_unique_matches_model_unique(tmp_path):
@@ -176,16 +181,7 @@ def test_fused_tables_learning_rate_is_an_ordinary_optimizers():
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opts[0], factor=0.2, patience=0)
     plateau.step(1.0)
     plateau.step(2.0)   # no better: 0.1 -> 0.02
-    ref = RowSparseAdagrad([native.weight], lr=0.02, rowwise=True)
-    torch.manual_seed(2)
-    for _ in range(3):
-        kjt = _kjt(torch.randint(0, 100, (3, 16)))
-        target = torch.randn(16, 3, 8)
-        for m in (native, fused):
-            ((m(kjt) - target) ** 2).sum().backward()
-        ref.step()
-        ref.zero_grad(set_to_none=True)
-        opts[0].step()
-        opts[0].zero_grad(set_to_none=True)
+    _step_together(native, fused, [RowSparseAdagrad([native.weight], lr=0.02, rowwise=True),
+                                   opts[0]], 2)
     for i in range(3):
         assert torch.allclose(native.table_weight(i).detach(), fused.table_weight(i), atol=1e-5)

@@ -145,6 +145,10 @@ def test_valid_and_test_can_be_the_last_rows_of_the_training_files(tmp_path):
     labels = np.array([float(x[:1]) for x in lines])
     assert np.array_equal(rows(cut, "valid"), labels[1600:1800])
     assert np.array_equal(rows(cut, "test"), labels[1800:])
+    only = run("only_valid", tmp_path / "day_*.tsv", "data.valid_fraction=0.2")
+    assert sorted(only.splits) == ["train", "valid"]
+    assert np.array_equal(rows(only, "valid"), labels[1600:])
+    assert only.splits["train"].held_out == {"valid": 400}
     with pytest.raises(ConfigError, match="data.valid and data.valid_fraction"):
         load_config(None, ["data.valid=x.tsv", "data.valid_fraction=0.1"])
     with pytest.raises(ConfigError, match="must be < 1"):

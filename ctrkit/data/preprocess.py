@@ -155,7 +155,8 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
         schema.seconds = round(time.time() - t0, 3)
         schema.save(tmp)
         new = OwnedFolder(tmp, PREPARED).files()
-        new_dirs = sorted({str(a) for f in new for a in Path(f).parents if str(a) != "."})
+        # (every folder it made, the empty vocab/ of hashed features too)
+        new_dirs = sorted(str(d.relative_to(tmp)) for d in tmp.rglob("*") if d.is_dir())
         folder.record(files=new, dirs=new_dirs)   # before they appear: a crash leaves owned files
         folder.clear(keep=tmp.name)   # (the old output, and trees of killed prepares)
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == SCHEMA_FILE):
@@ -264,11 +265,9 @@ def _encode_files(dc: DataConfig, files: List[Path], split: str, schema: Schema,
     multi = tuple(f.name for f in schema.sparse if f.multi)
     ends: List[Tuple[str, Optional[int]]] = [(split, None)]   # (split, its last row + 1)
     if carve:
-        n_train, n_valid, n_test = carve
-        ends = [(split, n_train)] + [(s, None) for s, n in (("valid", n_valid), ("test", n_test))
-                                     if n]
-        if n_valid and n_test:
-            ends[1] = ("valid", n_train + n_valid)
+        n_train, n_valid, _ = carve
+        bounds = [(split, n_train), ("valid", n_train + n_valid), ("test", None)]
+        ends = [b for b, n in zip(bounds, carve) if n]
         ends[-1] = (ends[-1][0], None)   # (the last takes the rest)
     writers = {s: ShardWriter(Path(schema.root), s, len(schema.sparse), len(schema.dense),
                               dc.shard_rows, multi=multi, tag=tag) for s, _ in ends}
@@ -306,10 +305,10 @@ def _count_files(dc: DataConfig, files: List[Path], names: List[str], stats: Rea
     seen = 0
     for _, lay, batch in _batches(dc, files, stats):
         if limit is not None:
-            batch = batch.slice(0, max(0, limit - seen))
+            if seen >= limit:   # (the held-out rows after it are not counted: stop reading)
+                break
+            batch = batch.slice(0, limit - seen)
             seen += batch.num_rows
-            if batch.num_rows == 0:
-                continue
         for f in lay.sparse:
             if f.name in counters:
                 counters[f.name].add(sparse_column(batch, f))
