@@ -55,7 +55,10 @@ def cmd_synth(cfg, args) -> dict:
 
 
 def cmd_prepare(cfg, args) -> dict:
-    from ctrkit.data.preprocess import prepare
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # a rank of torchrun: the ranks share the work
+        from ctrkit.distributed.prepare import prepare_under_torchrun as prepare
+    else:
+        from ctrkit.data.preprocess import prepare
     schema = prepare(cfg, progress=not args.quiet)
     return {"prepared_dir": str(schema.root), "seconds": schema.seconds,
             "features": {f.name: f.vocab_size for f in schema.features},

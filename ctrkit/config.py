@@ -132,7 +132,8 @@ class DataConfig(_Strict):
     prepare_workers: int = Field(default=1, ge=1, description=(
         "Processes preparing a split of several files, one file at a time each: counts merged "
         "in file order, so the same vocabularies, ids and rows in the same order; each file gets "
-        "shards of its own (part-f<file>-<k>)."))
+        "shards of its own (part-f<file>-<k>). Under torchrun the ranks share the files (P "
+        "processes each) and rank 0 merges."))
     read_whole_mb: int = Field(default=64, ge=0, description="Files up to this size are parsed "
                                "in one parallel read (speed only; larger files stream in blocks of "
                                "read_block_mb, so memory does not grow with them).")

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import multiprocessing
 import os
 import sys
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -36,6 +34,7 @@ from ctrkit.data.prefetch import prefetch
 from ctrkit.data.reader import ReadStats, iter_batches
 from ctrkit.data.schema import SCHEMA_FILE, FeatureInfo, Schema, SplitInfo
 from ctrkit.data.shards import ShardWriter, bag_rows
+from ctrkit.data.tasks import ProcessTasks, TaskRunner
 from ctrkit.data.transforms import sparse_column
 from ctrkit.data.vocab import ValueCounter, fit_vocab
 from ctrkit.errors import ConfigError, CtrkitError, DataError
@@ -101,12 +100,14 @@ def open_prepared(cfg: Config, progress: bool = True) -> Iterator[Schema]:
     raise CtrkitError(f"{out}: keeps changing while this process tries to use it")
 
 
-def prepare(cfg: Config, progress: bool = True) -> Schema:
+def prepare(cfg: Config, progress: bool = True, tasks: Optional[TaskRunner] = None) -> Schema:
     """Fit vocabularies on the training split, encode every split, write shards and schema.json.
 
     A folder already prepared from the same config and input files is reused (`data.overwrite`
     rebuilds it anyway); one ctrkit prepared from other data is rebuilt, replacing only the files
-    ctrkit wrote. One process at a time prepares a folder: a second one waits, then reuses it."""
+    ctrkit wrote. One process at a time prepares a folder: a second one waits, then reuses it.
+    `tasks` runs the per-file work of splits of several files (default: `data.prepare_workers`
+    processes; under torchrun, the ranks: ctrkit/distributed/prepare.py)."""
     dc = cfg.data
     if not dc.train:
         raise ConfigError("data.train is required")
@@ -137,11 +138,11 @@ def prepare(cfg: Config, progress: bool = True) -> Schema:
         folder.check_replaceable("data.overwrite=true" if dc.overwrite else "prepare")
         if why:
             print(f"ctrkit: preparing {out} again: {why}", file=sys.stderr, flush=True)
-        return _build(cfg, files, fp, folder, progress)
+        return _build(cfg, files, fp, folder, progress, tasks)
 
 
 def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFolder,
-           progress: bool) -> Schema:
+           progress: bool, tasks: Optional[TaskRunner]) -> Schema:
     """Write everything into a temporary folder of this process inside `folder`, then swap it in:
     the old owned files go, the new ones are renamed into place, schema.json last."""
     dc, out = cfg.data, folder.root
@@ -150,7 +151,7 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
     tmp.mkdir()
     t0 = time.time()
     try:
-        schema = _encode_all(dc, files, tmp, progress)
+        schema = _encode_all(dc, files, tmp, progress, tasks)
         schema.source = fp
         schema.seconds = round(time.time() - t0, 3)
         schema.save(tmp)
@@ -175,12 +176,12 @@ def _build(cfg: Config, files: Dict[str, List[Path]], fp: dict, folder: OwnedFol
     return schema
 
 
-def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progress: bool) -> Schema:
+def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progress: bool,
+                tasks: Optional[TaskRunner] = None) -> Schema:
     layout = resolve_layout(dc, files["train"][0])
     stamps = {p: _stamp(p) for fs in files.values() for p in fs}
     carve = _held_out(dc, files["train"], progress)   # rows of train kept for valid/test
-    workers = 1 if carve else min(dc.prepare_workers, max(len(fs) for fs in files.values()))
-    with _pool(workers) as pool:
+    with _runner(dc, files, carve, tasks) as pool:
         counted = ReadStats()
         feats = _fit_vocabularies(dc, files["train"], layout, tmp, counted, progress, pool,
                                   limit=carve[0] if carve else None)
@@ -191,12 +192,12 @@ def _encode_all(dc: DataConfig, files: Dict[str, List[Path]], tmp: Path, progres
             elif pool is None or len(fs) == 1:
                 parts = _encode_files(dc, fs, split, schema, "", progress)
             else:   # one file per task; each file's shards are its own (part-f<file>-<k>)
-                tasks = [pool.submit(_encode_files, dc, [path], split, schema, f"f{i:05d}-", False)
-                         for i, path in enumerate(fs)]
+                results = pool.map(_encode_files, [(dc, [path], split, schema, f"f{i:05d}-", False)
+                                                   for i, path in enumerate(fs)])
                 parts = {split: ([], ReadStats(), 0)}
-                for task in tqdm(tasks, desc=f"prepare {split}", unit=" file",
-                                 disable=not progress):
-                    (more, part_stats, part_positives), = task.result().values()
+                for result in tqdm(results, desc=f"prepare {split}", unit=" file",
+                                   total=len(fs), disable=not progress):
+                    (more, part_stats, part_positives), = result.values()
                     shards, stats, positives = parts[split]
                     stats.merge(part_stats)
                     parts[split] = (shards + more, stats, positives + part_positives)
@@ -244,15 +245,22 @@ def _held_out(dc: DataConfig, files: List[Path], progress: bool) -> Optional[Tup
 
 
 @contextlib.contextmanager
-def _pool(workers: int) -> Iterator[Optional[ProcessPoolExecutor]]:
-    """Worker processes for files (None: this process does everything). They are spawned: a
-    fresh interpreter imports only the data layer, not what this process holds."""
-    if workers <= 1:
+def _runner(dc: DataConfig, files: Dict[str, List[Path]], carve: Optional[tuple],
+            tasks: Optional[TaskRunner]) -> Iterator[Optional[TaskRunner]]:
+    """What runs the per-file tasks (None: this process does everything, in one stream): the
+    caller's `tasks`, else `data.prepare_workers` processes. A held-out carve needs the rows in
+    one stream."""
+    workers = min(dc.prepare_workers, max(len(fs) for fs in files.values()))
+    if carve or (tasks is None and workers <= 1):
         yield None
-        return
-    with ProcessPoolExecutor(max_workers=workers,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
+    elif tasks is not None:
+        yield tasks
+    else:
+        pool = ProcessTasks(workers)
+        try:
+            yield pool
+        finally:
+            pool.close()
 
 
 def _encode_files(dc: DataConfig, files: List[Path], split: str, schema: Schema, tag: str,
@@ -343,7 +351,7 @@ def _batches(dc: DataConfig, files: List[Path], stats: ReadStats):
 
 def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Path,
                       stats: ReadStats, progress: bool,
-                      pool: Optional[ProcessPoolExecutor] = None,
+                      pool: Optional[TaskRunner] = None,
                       limit: Optional[int] = None) -> List[FeatureInfo]:
     """Pass 1: count the training split's values of the `vocab: count` features (a file per
     worker process with a pool, merged in file order: the same vocabularies), write each one's
@@ -355,9 +363,9 @@ def _fit_vocabularies(dc: DataConfig, files: List[Path], layout: Layout, tmp: Pa
         counters = _count_files(dc, files, names, stats, progress, limit)
     elif names:
         counters = {n: ValueCounter() for n in names}
-        tasks = [pool.submit(_counts_of_file, dc, path, names) for path in files]
-        for task in tqdm(tasks, desc="prepare count", unit=" file", disable=not progress):
-            counts, part = task.result()
+        results = pool.map(_counts_of_file, [(dc, path, names) for path in files])
+        for counts, part in tqdm(results, desc="prepare count", unit=" file", total=len(files),
+                                 disable=not progress):
             stats.merge(part)
             for n, (values, c) in counts.items():
                 counters[n].add_counts(values, c)

@@ -16,6 +16,7 @@ from ctrkit.config import Config, dump_config
 from ctrkit.data.loader import BatchLoader
 from ctrkit.data.preprocess import open_prepared
 from ctrkit.data.schema import Schema
+from ctrkit.distributed.prepare import prepare_on_ranks
 from ctrkit.distributed.runtime import (DistEnv, init_distributed, is_comm_failure,
                                         launch_workers, launched_by_torchrun, shutdown)
 from ctrkit.errors import CtrkitError
@@ -79,9 +80,12 @@ def train(cfg: Config, progress: Optional[bool] = None) -> RunResult:
 
 def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
     with contextlib.ExitStack() as hold:   # (the folders' locks, held until the run ends)
+        launched = os.environ.get("CTRKIT_LAUNCHED")   # (the launcher prepared the data)
         if env.is_main:   # (the run folder first: a resume on other data must not re-prepare)
-            run_dir = Path(cfg.train.run_dir) if os.environ.get("CTRKIT_LAUNCHED") else \
-                hold.enter_context(open_run_dir(cfg))
+            run_dir = Path(cfg.train.run_dir) if launched else hold.enter_context(open_run_dir(cfg))
+        if env.active and not launched:   # torchrun's ranks prepare a split's files together
+            prepare_on_ranks(cfg, cfg.train.progress)
+        if env.is_main:
             schema = hold.enter_context(open_prepared(cfg, cfg.train.progress))
         if env.active:
             dist.barrier()
