@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-rows", type=int, default=65536, help="rows encoded and written per batch (the model scores 4096 at a time)")
     sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="fp32: the scores training's evaluation gives; bf16: matrix products in "
-                         "bfloat16, faster on CPUs with bf16 units, scores agree to ~1e-3")
+                    help="fp32: the scores training's evaluation gives; bf16: batch norm folded, "
+                         "the MLP in bfloat16, faster on CPUs with bf16 units, scores agree to ~2e-3")
     sp = sub.add_parser("export", help="a trained run's model as a torch.export program")
     sp.add_argument("run", help="run folder (or a checkpoint inside one)")
     sp.add_argument("--out", required=True, help="output folder (new, or one export wrote)")

@@ -34,6 +34,7 @@ from ctrkit.data.reader import ReadStats, iter_batches, iter_table_batches
 from ctrkit.data.schema import Schema
 from ctrkit.errors import CtrkitError, NoDataRows
 from ctrkit.ownership import atomic_path
+from ctrkit.serving.bf16 import bf16_copy
 from ctrkit.metrics import auc_logloss
 from ctrkit.train.checkpointing import checkpoint_to_evaluate, load_for_evaluation
 from ctrkit.train.run_dir import SCORING_DATA
@@ -42,6 +43,8 @@ from ctrkit.train.setup import build_training_model
 PROBABILITY = "probability"   # the output column
 PREFETCH = 2                  # batches read and encoded ahead of the one being scored
 SCORE_ROWS = 4096             # rows per model call
+READ_BLOCK_MB = 4             # read blocks of ~16k rows: scoring starts after the first one, and
+                              # reading, encoding and scoring overlap (16 MB blocks: 1.5x slower)
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 Rows = Union["pa.Table", "pa.RecordBatch", list, "object"]   # a pandas DataFrame is the object
 
@@ -83,16 +86,17 @@ class Predictor:
     DataFrame, a pyarrow Table or a list of dicts (raw values, label column optional) and returns
     one probability per row (numpy float64), in row order; `predict_files` streams files.
 
-    `precision`: "fp32" scores exactly as training evaluates; "bf16" runs the matrix products in
-    bfloat16 (torch.autocast: the tables, sums and the sigmoid stay float32), several times
-    faster where the CPU has bf16 units (AVX-512 BF16, AMX) at a small cost in agreement
-    (bench/RESULTS.md "Serving" measures it)."""
+    `precision`: "fp32" scores exactly as training evaluates; "bf16" runs the MLP in bfloat16
+    with batch norm folded in (ctrkit/serving/bf16.py: the tables, sums and the sigmoid stay
+    float32), several times faster where the CPU has bf16 units (AVX-512 BF16, AMX) at a small
+    cost in agreement (bench/RESULTS.md "Serving" measures it)."""
 
     def __init__(self, cfg: Config, schema: Schema, model: torch.nn.Module, checkpoint: Path,
                  batch_rows: int = 65536, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise CtrkitError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        self.cfg, self.schema, self.model, self.checkpoint = cfg, schema, model.eval(), checkpoint
+        self.cfg, self.schema, self.checkpoint = cfg, schema, checkpoint
+        self.model = bf16_copy(model) if precision == "bf16" else model.eval()
         self.precision = precision
         self.encoder = RowEncoder(schema)
         self.batch_rows = batch_rows
@@ -130,9 +134,7 @@ class Predictor:
             sp, de = sparse[s:s + SCORE_ROWS], dense[s:s + SCORE_ROWS]
             batch = make_batch(self.keys, sp, de, np.zeros(len(sp), np.float32), self._ones,
                                multi=bag_rows(multi, s, s + len(sp)) if multi else None)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                logits = batch.logits(self.model)
-            out.append(torch.sigmoid(logits.float()).double().numpy())
+            out.append(torch.sigmoid(batch.logits(self.model)).double().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     def _encoded(self, batches: Iterator[pa.RecordBatch], layout: Layout):
@@ -189,7 +191,7 @@ class Predictor:
                     layout = resolve_layout(self.cfg.data, path, label_optional=True)
                     layout.passthrough = sources = _passthrough(layout, columns, path)
                     self.encoder.check(layout, str(path))
-                    batches = iter_batches(path, layout, self.cfg.data.read_block_mb, stats, skip,
+                    batches = iter_batches(path, layout, READ_BLOCK_MB, stats, skip,
                                            whole_file_mb=0)
                     for rb, probs, labels in self._scored(_nonempty(batches), layout):
                         table = pa.table([rb.column(c) for c in sources] + [pa.array(probs)],

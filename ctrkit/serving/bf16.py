@@ -1,0 +1,87 @@
+"""The bfloat16 scoring copy of a model (`bf16_copy(model)`), and batch norm folded into the
+linear layer before it (`fold_batch_norms(model)`).
+
+`bf16_copy` folds the norms, then runs each of ctrkit's MLPs whole in bfloat16 (weights
+converted once; the input cast on the way in, the output cast back to float32 on the way out)
+and every other `nn.Linear` in bfloat16 the same way. The embedding tables, the FM and
+first-order sums and the sigmoid stay float32: bf16 would lose the FM term's cancelling sums,
+and a gather gains nothing from it. Where the CPU has bf16 units (AVX-512 BF16, AMX) the matrix
+products run several times faster; the scores move by ~1e-3 (bench/RESULTS.md "Serving").
+
+In eval mode `BatchNorm1d(Wx + b)` is the affine map k * (Wx + b - mean) + beta with
+k = gamma / sqrt(running_var + eps): one linear layer with weight k * W and bias
+k * (b - mean) + beta. Folding removes a pass over every hidden activation, and under bfloat16
+autocast it also removes the casts around each norm (autocast runs batch norm in float32, so each
+layer's output went bf16 -> fp32 -> bf16). Folding rounds differently from the norm, by ~1e-7
+relative in float32, so `predict`'s exact fp32 path does not fold; its bf16 path does.
+
+Only ctrkit's `MLP` (models/layers.py, the zoo's deep part) is folded, including the weight of
+its side input (dense features entering the first layer on their own); other modules are left as
+they are.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ctrkit.models.layers import MLP
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode whose MLPs have each Linear -> BatchNorm1d pair folded into
+    the Linear (the norm becomes an identity); `model` itself is not changed."""
+    folded = copy.deepcopy(model).eval()
+    for m in folded.modules():
+        if isinstance(m, MLP):
+            _fold_mlp(m)
+    return folded
+
+
+@torch.no_grad()
+def _fold_mlp(mlp: MLP) -> None:
+    layers = mlp.layers
+    for i in range(len(layers) - 1):
+        lin, bn = layers[i], layers[i + 1]
+        if not (isinstance(lin, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
+                and bn.track_running_stats):
+            continue
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        k = 1.0 / torch.sqrt(var + bn.eps)
+        shift = -mean * k
+        if bn.affine:
+            k, shift = k * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
+        bias = lin.bias.double() if lin.bias is not None else torch.zeros_like(k)
+        weights = [lin.weight] + ([mlp.side.weight] if i == 0 and mlp.side is not None else [])
+        for w in weights:   # (the side input's weight feeds the same norm)
+            w.copy_(w.double() * k[:, None])
+        new_bias = bias * k + shift
+        if lin.bias is None:
+            lin.bias = nn.Parameter(new_bias.to(lin.weight.dtype))
+        else:
+            lin.bias.copy_(new_bias)
+        layers[i + 1] = nn.Identity()
+
+
+def bf16_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` for bf16 scoring, as described above; `model` is not changed."""
+    fast = fold_batch_norms(model)
+    inside = set()
+    for m in fast.modules():
+        if isinstance(m, MLP):
+            _in_bf16(m)
+            inside.update(id(x) for x in m.modules())
+    for m in fast.modules():
+        if isinstance(m, nn.Linear) and id(m) not in inside:
+            _in_bf16(m)
+    return fast
+
+
+def _in_bf16(module: nn.Module) -> None:
+    """`module`'s parameters in bfloat16, its float inputs cast to it, its output back to float32."""
+    module.to(torch.bfloat16)
+    module.register_forward_pre_hook(lambda m, args: tuple(
+        a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args))
+    module.register_forward_hook(lambda m, args, out: out.float())
