@@ -48,26 +48,49 @@ def fnv1a64(k: pa.Array) -> np.ndarray:
     return h
 
 
+def ids_of(k: pa.Array, f: dict, spec: dict, export: Path) -> np.ndarray:
+    """Ids of the text values k (null: missing) by the feature's vocabulary or hash."""
+    if f["vocabulary"] is None:   # hashed: 2 + fnv1a64(text) mod buckets
+        known = pa.array(fnv1a64(k.fill_null("")) % np.uint64(f["hash"]["buckets"]) + 2)
+    else:
+        vocab = feather.read_table(str(export / f["vocabulary"]), columns=["value"]).column("value")
+        known = pc.fill_null(pc.add(pc.index_in(k, value_set=vocab), 2), spec["ids"]["oov"])
+    return pc.if_else(pc.is_null(k), spec["ids"]["missing"], known).to_numpy().astype(np.int64)
+
+
+def bags(k: pa.Array, f: dict, spec: dict, export: Path):
+    """A multi-hot field's (ids, lengths): split, empty parts dropped, max_len kept, [missing]."""
+    lists = pc.split_pattern(k, f["multi"]["separator"])
+    flat, row = pc.list_flatten(lists), pc.list_parent_indices(lists).to_numpy()
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    flat, row = flat.filter(pa.array(keep)), row[keep]
+    n = np.bincount(row, minlength=len(k))
+    take = np.arange(len(row)) - np.repeat(np.cumsum(n) - n, n) < (f["multi"]["max_len"] or len(row) + 1)
+    ids, n = ids_of(flat.filter(pa.array(take)), f, spec, export), np.bincount(row[take], minlength=len(k))
+    empty = np.flatnonzero(n == 0)
+    ids = np.insert(ids, (np.cumsum(n) - n)[empty], spec["ids"]["missing"])
+    return ids, np.maximum(n, 1).astype(np.int32)
+
+
 def main(export: Path, path: str, out=None) -> None:
     spec = json.loads((export / "preprocess.json").read_text())
     t = read(spec["raw"], path, sorted({f["source"] for f in spec["dense"] + spec["sparse"]}))
     dense = np.zeros((t.num_rows, len(spec["dense"])), np.float32)
-    ids = np.zeros((t.num_rows, len(spec["sparse"])), np.int64)
     for j, f in enumerate(spec["dense"]):
         x = t[f["source"]].to_numpy().astype(np.float32)
         x[np.isnan(x)] = f["fill"]
         dense[:, j] = np.copysign(np.log1p(np.abs(x)), x) if f["transform"] == "log" else x
-    for j, f in enumerate(spec["sparse"]):
+    values, lengths = [], []   # per feature: ids and bag lengths
+    for f in spec["sparse"]:
         k = text(t[f["source"]].combine_chunks(), f).cast(pa.string())
-        if f["vocabulary"] is None:   # hashed: 2 + fnv1a64(text) mod buckets
-            known = pa.array(fnv1a64(k.fill_null("")) % np.uint64(f["hash"]["buckets"]) + 2)
-        else:
-            vocab = feather.read_table(str(export / f["vocabulary"]), columns=["value"]).column("value")
-            known = pc.fill_null(pc.add(pc.index_in(k, value_set=vocab), 2), spec["ids"]["oov"])
-        ids[:, j] = pc.if_else(pc.is_null(k), spec["ids"]["missing"], known).to_numpy()
+        v, n = bags(k, f, spec, export) if "multi" in f else (ids_of(k, f, spec, export), None)
+        values.append(v)
+        lengths.append(np.ones(t.num_rows, np.int32) if n is None else n)
+    jagged = [i["name"] for i in spec["program"]["inputs"]] == ["dense", "values", "lengths"]
+    ids = (np.concatenate(values), np.concatenate(lengths)) if jagged else (np.stack(values, 1),)
     model = torch.export.load(str(export / spec["program"]["torch_export"])).module()
     with torch.no_grad():
-        p = model(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
+        p = model(torch.from_numpy(dense), *map(torch.from_numpy, ids)).numpy()
     np.savetxt(out or sys.stdout, p, fmt="%.9g")
 
 

@@ -113,3 +113,29 @@ def test_gossip_and_shard_groups_train_multi_hot_bags(data, tmp_path, extra):
     cfg = _cfg(data, tmp_path, "distributed.workers=2", "distributed.timeout_s=300", *extra)
     res = train(cfg)
     assert res.metrics["valid"]["auc"] > 0.7, res.metrics
+
+
+def test_a_multi_hot_run_exports_and_the_example_loader_scores_it(data, tmp_path):
+    """Export takes a KeyedJaggedTensor's values and lengths for such a run: the program, run
+    by examples/serve_exported.py with torch and pyarrow only on the raw validation CSV (bags
+    split, capped at max_len, empty ones [missing]), gives predict's scores to 1e-6."""
+    import json
+
+    from ctrkit.cli import main
+    from tests.test_export import BLOCK, EXAMPLE, _isolated
+    res = train(_cfg(data, tmp_path, "train.epochs=1"))
+    out = tmp_path / "served"
+    assert main(["export", str(res.run_dir), "--out", str(out), "--quiet"]) == 0
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert [i["name"] for i in spec["program"]["inputs"]] == ["dense", "values", "lengths"]
+    tags = next(f for f in spec["sparse"] if f["name"] == "tags")
+    assert tags["multi"]["separator"] == "|" and tags["multi"]["max_len"] == 3
+    raw = pd.read_csv(data[1], keep_default_na=False, dtype=str)
+    raw.loc[0, "tags"] = "||t1|t2|t3|t4|"          # empty parts, over max_len
+    raw.loc[1, "tags"] = ""                        # no part: [missing]
+    raw.to_csv(tmp_path / "valid.csv", index=False)
+    want = Predictor.load(res.run_dir).predict(raw)
+    code = BLOCK + "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    _isolated(code, tmp_path, str(EXAMPLE), str(out), str(tmp_path / "valid.csv"),
+              str(tmp_path / "p.txt"))
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "p.txt"), want, rtol=0, atol=1e-6)

@@ -127,9 +127,11 @@ class BatchedEmbeddingBags(TableModule):
 
     def flat_indices(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Row ids into the flat weight, in KJT (table-major) order."""
-        per_key = torch.tensor(kjt.length_per_key(), dtype=torch.int64,
-                               device=self.row_offsets.device)
-        return kjt.values().to(torch.int64) + torch.repeat_interleave(self.row_offsets, per_key)
+        values = kjt.values().to(torch.int64)
+        # (ids per key from the lengths, as tensors: torch.export traces it, no host sync)
+        per_key = kjt.lengths().view(len(self.tables), kjt.stride()).sum(1)
+        return values + torch.repeat_interleave(self.row_offsets, per_key,
+                                                output_size=values.numel())
 
     def _lookup_indices(self, kjt: KeyedJaggedTensor, single: bool) -> torch.Tensor:
         """Flat row ids; batch-major for one-id bags, table-major (KJT order) otherwise."""
@@ -160,7 +162,11 @@ class BatchedEmbeddingBags(TableModule):
             idx, weight = self._lookup_indices(kjt, single), self.weight
             if single:
                 return weight.index_select(0, idx).view(b, t, self.embedding_dim)
-        pooled = F.embedding_bag(idx, weight, kjt.offsets().to(torch.int64), mode=self.mode,
+        # (offsets by torch's cumsum, not kjt.offsets(): fbgemm's op would tie an exported
+        # program to fbgemm)
+        lengths = kjt.lengths().to(torch.int64)
+        offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+        pooled = F.embedding_bag(idx, weight, offsets, mode=self.mode,
                                  include_last_offset=True).view(t, b, self.embedding_dim)
         if self.mean_tables:
             m = torch.tensor(self.mean_tables, device=pooled.device)

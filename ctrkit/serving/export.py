@@ -5,7 +5,10 @@ not write is refused; every file appears atomically, preprocess.json last):
 
 - `model.pt2`: `torch.export` of `ServingModule`, `forward(dense [B, Dn] float32, ids [B, F] int64)
   -> click probabilities [B] float32`, with a dynamic batch dimension; load it with
-  `torch.export.load(path).module()`, no ctrkit or torchrec import needed.
+  `torch.export.load(path).module()`, no ctrkit or torchrec import needed. A model with multi-hot
+  features takes a KeyedJaggedTensor's parts instead (`JaggedServingModule`): `forward(dense
+  [B, Dn] float32, values [N] int64, lengths [F * B] int32)`, every feature's ids key after key
+  in the schema's order, a one-hot feature's bags of length 1.
 - `model.ts`: the same wrapper through `torch.jit.trace`, written only when the traced program
   gives the exported one's results at other batch sizes too; otherwise preprocess.json says why.
 - `preprocess.json` (ctrkit/serving/preprocess_spec.py) and `vocab/<feature>.arrow`: how raw rows
@@ -14,7 +17,8 @@ not write is refused; every file appears atomically, preprocess.json last):
 `ServingModule` builds the one-id-per-bag KeyedJaggedTensor from `ids` and calls the model under
 `batch_facts(BatchFacts(one_per_bag=True))`, so the table modules take their static path (a plain
 gather; finding out whether each bag holds one id would read the data, which torch.export cannot
-trace). Tables that fbgemm fuses (`optimizer.sparse.fused`) are exported as plain
+trace); `JaggedServingModule` says "not one id per bag", and the tables pool with
+`embedding_bag` over the lengths' offsets. Tables that fbgemm fuses (`optimizer.sparse.fused`) are exported as plain
 `BatchedEmbeddingBags` with the same weights, so the program needs no fbgemm.
 """
 from __future__ import annotations
@@ -62,18 +66,47 @@ class ServingModule(nn.Module):
             return torch.sigmoid(self.model(dense, kjt))
 
 
+class JaggedServingModule(nn.Module):
+    """`forward(dense [B, Dn] float32, values [N] int64, lengths [F * B] int32) -> probabilities
+    [B]`: the KeyedJaggedTensor of the features `keys` (key-major: all of key 0's bags, then key
+    1's, ...), for models with multi-hot features."""
+
+    def __init__(self, model: nn.Module, keys: List[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+
+    def forward(self, dense: torch.Tensor, values: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths,
+                                stride=dense.shape[0])
+        with batch_facts(BatchFacts(one_per_bag=False)):
+            return torch.sigmoid(self.model(dense, kjt))
+
+
+def jagged(schema: Schema) -> bool:
+    """Whether a model of `schema` is exported with the jagged inputs (it has multi-hot features)."""
+    return any(f.multi for f in schema.sparse)
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
 
 
-def _examples(schema: Schema, device: torch.device, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of batch size b: random dense values and random valid ids (seeded by b)."""
+def _examples(schema: Schema, device: torch.device, b: int) -> Tuple[torch.Tensor, ...]:
+    """Inputs of batch size b (seeded by b): random dense values and random valid ids; for the
+    jagged inputs, bags of 1 to 3 ids for the multi-hot features."""
     g = torch.Generator().manual_seed(b)
     dense = torch.randn(b, len(schema.dense), generator=g)
     sizes = torch.tensor([max(f.vocab_size, 1) for f in schema.sparse], dtype=torch.int64)
-    ids = (torch.rand(b, len(sizes), generator=g) * sizes).to(torch.int64)
-    return dense.to(device), ids.to(device)
+    if not jagged(schema):
+        ids = (torch.rand(b, len(sizes), generator=g) * sizes).to(torch.int64)
+        return dense.to(device), ids.to(device)
+    lengths = torch.stack([torch.randint(1, 4, (b,), generator=g) if f.multi else
+                           torch.ones(b, dtype=torch.int64) for f in schema.sparse]).to(torch.int32)
+    size_of_id = torch.repeat_interleave(sizes, lengths.sum(1))
+    values = (torch.rand(len(size_of_id), generator=g) * size_of_id).to(torch.int64)
+    return dense.to(device), values.to(device), lengths.reshape(-1).to(device)
 
 
 @contextlib.contextmanager
@@ -99,30 +132,32 @@ def _plain_tables(model: nn.Module) -> Iterator[None]:
             parent._modules[child] = m
 
 
-def _export(wrapper: ServingModule, schema: Schema, device: torch.device):
+def _export(wrapper: nn.Module, schema: Schema, device: torch.device):
     batch = torch.export.Dim("batch", min=1)
+    shapes = ({0: batch}, {0: batch}) if not jagged(schema) else \
+        ({0: batch}, {0: torch.export.Dim("ids", min=1)}, {0: len(schema.sparse) * batch})
     try:
         with torch.no_grad():
             return torch.export.export(wrapper, _examples(schema, device, 2),
-                                       dynamic_shapes=({0: batch}, {0: batch}))
+                                       dynamic_shapes=shapes)
     except Exception as e:   # (torch raises many kinds: UserError, data-dependent guards, ...)
         raise CtrkitError(f"model {type(wrapper.model).__name__} cannot be exported with "
                           f"torch.export ({_first_line(e)}); {RULE}") from None
 
 
-def _check(program, wrapper: ServingModule, schema: Schema, device: torch.device,
+def _check(program, wrapper: nn.Module, schema: Schema, device: torch.device,
            what: str) -> None:
     """`program` computes what the model computes (to 1e-6) at batch sizes 1 and 7."""
     for b in (1, 7):
-        dense, ids = _examples(schema, device, b)
+        inputs = _examples(schema, device, b)
         with torch.no_grad():
-            want, got = wrapper(dense, ids), program(dense, ids)
+            want, got = wrapper(*inputs), program(*inputs)
         if got.shape != want.shape or float((got - want).abs().max()) > TOLERANCE:
             raise CtrkitError(f"the {what} program of {type(wrapper.model).__name__} does not "
                               f"give the model's probabilities at batch size {b}; {RULE}")
 
 
-def _torchscript(wrapper: ServingModule, schema: Schema,
+def _torchscript(wrapper: nn.Module, schema: Schema,
                  device: torch.device) -> Tuple[Optional[bytes], Optional[str]]:
     """(the saved TorchScript program, None) or (None, why there is none)."""
     try:
@@ -150,11 +185,6 @@ def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
     """Write `model` (trained on `schema`, on the CPU) into `out_dir` as described above; returns
     what was written. A model torch.export cannot trace is a one-line CtrkitError."""
     out_dir = Path(out_dir)
-    multi = [f.name for f in schema.sparse if f.multi]
-    if multi:
-        raise CtrkitError(f"export: multi-hot features ({', '.join(multi)}) are not exported yet "
-                          "(the program takes one id per feature, ids [B, F]); score such a run "
-                          "with `ctrkit predict`")
     folder = _prepare_folder(out_dir, schema)
     program_files = {"torch_export": PROGRAM, "torchscript": None, "torchscript_skipped": None}
     spec = preprocess_spec(schema, program_files)   # (before the slow part: the schema is usable)
@@ -163,7 +193,8 @@ def export_model(model: nn.Module, schema: Schema, out_dir: Path) -> dict:
     model.eval()
     try:
         with _plain_tables(model):
-            wrapper = ServingModule(model, [f.name for f in schema.sparse])
+            serving = JaggedServingModule if jagged(schema) else ServingModule
+            wrapper = serving(model, [f.name for f in schema.sparse])
             program = _export(wrapper, schema, device)
             _check(program.module(), wrapper, schema, device, "exported")
             script, why_not = _torchscript(wrapper, schema, device)

@@ -90,10 +90,7 @@ def preprocess_spec(schema: Schema, program: dict) -> dict:
         "version": SPEC_VERSION,
         "program": {**program,
                     "inputs": [{"name": "dense", "dtype": "float32", "shape": ["batch", len(dense)],
-                                "columns": [f.name for f in dense]},
-                               {"name": "ids", "dtype": "int64",
-                                "shape": ["batch", len(schema.sparse)],
-                                "columns": [f.name for f in schema.sparse]}],
+                                "columns": [f.name for f in dense]}] + _id_inputs(schema),
                     "output": {"name": "probability", "dtype": "float32", "shape": ["batch"],
                                "meaning": "click probability: sigmoid of the model's logit"}},
         "raw": {"format": dc.format, "delimiter": None if dc.format == "parquet" else
@@ -111,7 +108,7 @@ def preprocess_spec(schema: Schema, program: dict) -> dict:
         "sparse": [{"name": s.name, "source": by_name[s.name].source,
                     "encoding": _encoding(by_name[s.name]), "fill": _fill(by_name[s.name]),
                     "read_as": "float64" if by_name[s.name].source in numeric else "string",
-                    "vocab_size": s.vocab_size, **_ids_of(s)}
+                    "vocab_size": s.vocab_size, **_ids_of(s), **_bags_of(s)}
                    for s in schema.sparse],
         "ids": {"oov": OOV_ID, "missing": MISSING_ID, "first_vocabulary_id": 2,
                 "rule": "a missing value (after `fill`) -> `missing`; a feature with a "
@@ -123,6 +120,33 @@ def preprocess_spec(schema: Schema, program: dict) -> dict:
         "transforms": TRANSFORMS,
         "encodings": ENCODINGS,
     }
+
+
+MULTI_RULE = ("the field's text (after `fill`) is split at `separator`, empty parts dropped, the "
+              "first `max_len` kept (null: all); each part gets its id by the rule above; a "
+              "missing field, or one with no part left, is the bag [missing]; the model pools a "
+              "bag by `pooling` (sum or mean)")
+
+
+def _id_inputs(schema: Schema) -> List[dict]:
+    """One `ids` matrix; with multi-hot features a KeyedJaggedTensor's values and lengths."""
+    names = [f.name for f in schema.sparse]
+    if not any(f.multi for f in schema.sparse):
+        return [{"name": "ids", "dtype": "int64", "shape": ["batch", len(names)], "columns": names}]
+    return [{"name": "values", "dtype": "int64", "shape": ["n"], "keys": names,
+             "layout": "key-major: every row's ids of keys[0] (row 0's bag, row 1's, ...), then "
+                       "keys[1]'s, ...; a one-hot feature's bag is its one id"},
+            {"name": "lengths", "dtype": "int32", "shape": [f"{len(names)} * batch"],
+             "layout": "key-major like values: lengths[k * batch + i] is the size of row i's bag "
+                       "of keys[k] (1 for a one-hot feature); they sum to n"}]
+
+
+def _bags_of(s) -> dict:
+    """A multi-hot feature's splitting and pooling (nothing for a one-hot one)."""
+    if not s.multi:
+        return {}
+    return {"multi": {"separator": s.separator, "max_len": s.max_len, "pooling": s.pooling,
+                      "rule": MULTI_RULE}}
 
 
 def _ids_of(s) -> dict:
