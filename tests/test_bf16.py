@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ctrkit.models.embedding import BatchedEmbeddingBags, table_config
 from ctrkit.models.layers import MLP
 from ctrkit.serving.bf16 import bf16_copy, fold_batch_norms
 
@@ -37,10 +38,12 @@ class Outer(nn.Module):
             for i, m in enumerate(self.mlp.layers):
                 if isinstance(m, nn.BatchNorm1d):
                     self.mlp.layers[i] = nn.BatchNorm1d(m.num_features, affine=False)
+        self.proj = nn.Linear(3, 4)
+        self.table = BatchedEmbeddingBags([table_config("t", "t", 10, 4, "sum")])
         self.head = nn.Linear(3, 1)
 
     def forward(self, x, s):
-        return self.mlp(x, s).squeeze(1) + self.head(s).squeeze(1)
+        return self.mlp(x, s).squeeze(1) + self.proj(s).sum(1) + self.head(s).squeeze(1)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -63,8 +66,10 @@ def test_the_bf16_copy_runs_linear_layers_in_bfloat16_and_keeps_the_original():
     model.float()
     fast = bf16_copy(model)
     assert all(p.dtype == torch.bfloat16 for p in fast.mlp.parameters())
-    assert all(p.dtype == torch.bfloat16 for p in fast.head.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in fast.proj.parameters())
+    assert all(p.dtype == torch.float32 for p in fast.head.parameters())   # a logit term
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert fast.table is model.table   # tables are shared, not copied
     x, s = torch.randn(40, 12) * 3 + 1, torch.randn(40, 3)
     with torch.no_grad():
         want, got = model(x, s), fast(x, s)

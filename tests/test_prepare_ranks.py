@@ -24,6 +24,8 @@ def _port() -> int:
 def _square_or_fail(i):
     if i == 5:
         raise CtrkitError(f"task {i}: bad row")
+    if i == 6:
+        raise OSError(28, "No space left on device", f"/data/shard-{i}")
     return i * i, os.getpid()
 
 
@@ -40,8 +42,13 @@ def _rank_tasks(rank, world, port, out):
                 failed = None
             except CtrkitError as e:
                 failed = str(e)
+            try:
+                list(tasks.map(_square_or_fail, [(0,), (6,)]))
+                disk = None
+            except OSError as e:   # (rank 1's, rebuilt: rank 0 reports it as a disk error)
+                disk = (e.errno, e.filename)
             tasks.end(None)
-            out[rank] = (results, failed, tasks.ran)
+            out[rank] = (results, failed, disk, tasks.ran)
         else:
             out[rank] = (tasks.follow(), os.getpid(), tasks.ran)
     finally:
@@ -50,20 +57,23 @@ def _rank_tasks(rank, world, port, out):
 
 def test_rank_tasks_run_each_ranks_share_and_return_results_in_task_order():
     """Three ranks, rounds of three tasks: results in task order, each task run by the rank
-    whose turn it is (its pid), a task's error on rank 2 raised on rank 0 with its message, and
-    the followers released by rank 0's end."""
+    whose turn it is (its pid), a task's error on rank 2 raised on rank 0 with its message, an
+    OSError on rank 1 raised on rank 0 as an OSError with its errno and file, and the followers
+    released by rank 0's end."""
     out = mp.Manager().dict()
     mp.start_processes(_rank_tasks, args=(3, _port(), out), nprocs=3, start_method="fork")
-    results, failed, ran0 = out[0]
+    results, failed, disk, ran0 = out[0]
     pids = {0: None, 1: out[1][1], 2: out[2][1]}
     assert [r for r, _ in results] == [0, 1, 4, 9, 16]
     assert [pid for _, pid in results][1:3] == [pids[1], pids[2]]   # tasks 1 and 2: ranks 1, 2
     assert results[4][1] == pids[1]                                 # task 4: rank 1's turn
     assert failed == "task 5: bad row"                              # task 5 ran on rank 2
+    assert disk == (28, "/data/shard-6")                            # an OSError stays one
     assert out[1][0] is None and out[2][0] is None                  # released, no error
     # first map: rank 0 ran tasks 0, 3; rank 1: 1, 4; rank 2: 2. The failed map's first round
-    # (tasks 0-2) went well, its second (3-5) failed: no third round was started.
-    assert (ran0, out[1][2], out[2][2]) == (4, 4, 3)
+    # (tasks 0-2) went well, its second (3-5) failed: no third round was started. The last map:
+    # one round, rank 0 task 0, rank 1 task 6.
+    assert (ran0, out[1][2], out[2][2]) == (5, 5, 3)
 
 
 @pytest.fixture(scope="module")

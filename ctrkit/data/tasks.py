@@ -11,7 +11,7 @@ results yielded in the order of `argsets` (so counts merge in file order whoever
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from typing import Callable, Iterator, List, Optional, Protocol, Sequence
 
 
@@ -37,9 +37,10 @@ class ProcessTasks:
         try:
             for f in futures:
                 yield f.result()
-        finally:
+        finally:   # (a task still running would write into a folder the caller may remove)
             for f in futures:
                 f.cancel()
+            wait(futures)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -33,12 +33,22 @@ PREPARE_TIMEOUT = timedelta(days=1)   # a follower waits this long for rank 0's 
 
 @dataclass
 class _Failed:
-    """A task's exception, sent as text (a ctrkit error is the user's; anything else a bug)."""
+    """A task's exception, sent as its parts: a ctrkit error (the user's), an OSError (its errno
+    and file: rank 0 reports it as a disk or file error), anything else (a bug)."""
     message: str
-    user_error: bool
+    kind: str                              # "ctrkit", "os" or "bug"
+    os_error: Optional[tuple] = None       # (errno, strerror, filename)
+
+    @classmethod
+    def of(cls, e: Exception) -> "_Failed":
+        if isinstance(e, OSError):
+            return cls(_first_line(e), "os", (e.errno, e.strerror, e.filename))
+        return cls(_first_line(e), "ctrkit" if isinstance(e, CtrkitError) else "bug")
 
     def throw(self) -> None:
-        raise (CtrkitError if self.user_error else RuntimeError)(self.message)
+        if self.kind == "os" and self.os_error is not None and self.os_error[0] is not None:
+            raise OSError(*self.os_error)
+        raise (CtrkitError if self.kind == "ctrkit" else RuntimeError)(self.message)
 
 
 class RankTasks:
@@ -72,7 +82,7 @@ class RankTasks:
         try:
             return list(self.local.map(fn, mine))
         except Exception as e:   # noqa: BLE001  (sent to rank 0, which raises it)
-            return [_Failed(_first_line(e), isinstance(e, CtrkitError))]
+            return [_Failed.of(e)]
 
     def follow(self) -> Optional[str]:
         """Run rank 0's rounds until it is done; its error message, if it failed."""

@@ -3,8 +3,9 @@ linear layer before it (`fold_batch_norms(model)`).
 
 `bf16_copy` folds the norms, then runs each of ctrkit's MLPs whole in bfloat16 (weights
 converted once; the input cast on the way in, the output cast back to float32 on the way out)
-and every other `nn.Linear` in bfloat16 the same way. The embedding tables, the FM and
-first-order sums and the sigmoid stay float32: bf16 would lose the FM term's cancelling sums,
+and every other `nn.Linear` of more than one output in bfloat16 the same way. The embedding
+tables (shared with the original, not copied), the FM and first-order terms and the sigmoid stay
+float32: bf16 would lose the FM term's cancelling sums,
 and a gather gains nothing from it. Where the CPU has bf16 units (AVX-512 BF16, AMX) the matrix
 products run several times faster; the scores move by ~1e-3 (bench/RESULTS.md "Serving").
 
@@ -26,13 +27,16 @@ import copy
 import torch
 from torch import nn
 
+from ctrkit.models.embedding import TableModule
 from ctrkit.models.layers import MLP
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode whose MLPs have each Linear -> BatchNorm1d pair folded into
     the Linear (the norm becomes an identity); `model` itself is not changed."""
-    folded = copy.deepcopy(model).eval()
+    # (the tables are shared, not copied: nothing here changes them, and they are most of it)
+    tables = {id(m): m for m in model.modules() if isinstance(m, TableModule)}
+    folded = copy.deepcopy(model, memo=tables).eval()
     for m in folded.modules():
         if isinstance(m, MLP):
             _fold_mlp(m)
@@ -72,8 +76,8 @@ def bf16_copy(model: nn.Module) -> nn.Module:
         if isinstance(m, MLP):
             _in_bf16(m)
             inside.update(id(x) for x in m.modules())
-    for m in fast.modules():
-        if isinstance(m, nn.Linear) and id(m) not in inside:
+    for m in fast.modules():   # (a layer of one output, a logit term, stays float32)
+        if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features > 1:
             _in_bf16(m)
     return fast
 

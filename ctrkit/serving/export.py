@@ -138,11 +138,18 @@ def _export(wrapper: nn.Module, schema: Schema, device: torch.device):
         ({0: batch}, {0: torch.export.Dim("ids", min=1)}, {0: len(schema.sparse) * batch})
     try:
         with torch.no_grad():
-            return torch.export.export(wrapper, _examples(schema, device, 2),
-                                       dynamic_shapes=shapes)
+            program = torch.export.export(wrapper, _examples(schema, device, 2),
+                                          dynamic_shapes=shapes)
     except Exception as e:   # (torch raises many kinds: UserError, data-dependent guards, ...)
         raise CtrkitError(f"model {type(wrapper.model).__name__} cannot be exported with "
                           f"torch.export ({_first_line(e)}); {RULE}") from None
+    library = sorted({str(n.target).split(".")[1] for n in program.graph.nodes
+                      if n.op == "call_function" and str(n.target).startswith("fbgemm.")})
+    if library:   # (e.g. torchrec's KJT permute, when a table group reads some of the features)
+        raise CtrkitError(f"model {type(wrapper.model).__name__}: its exported program calls "
+                          f"fbgemm ops ({', '.join(library)}), which a server with torch alone "
+                          "cannot load")
+    return program
 
 
 def _check(program, wrapper: nn.Module, schema: Schema, device: torch.device,

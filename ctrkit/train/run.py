@@ -84,7 +84,10 @@ def _train_rank(cfg: Config, env: DistEnv) -> RunResult:
         if env.is_main:   # (the run folder first: a resume on other data must not re-prepare)
             run_dir = Path(cfg.train.run_dir) if launched else hold.enter_context(open_run_dir(cfg))
         if env.active and not launched:   # torchrun's ranks prepare a split's files together
-            prepare_on_ranks(cfg, cfg.train.progress)
+            # (data.overwrite is ignored, as open_prepared ignores it: training uses
+            # up-to-date data, it does not rebuild it at every start)
+            data = cfg.data.model_copy(update={"overwrite": False})
+            prepare_on_ranks(cfg.model_copy(update={"data": data}), cfg.train.progress)
         if env.is_main:
             schema = hold.enter_context(open_prepared(cfg, cfg.train.progress))
         if env.active:
