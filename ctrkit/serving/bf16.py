@@ -5,15 +5,16 @@ linear layer before it (`fold_batch_norms(model)`).
 converted once; the input cast on the way in, the output cast back to float32 on the way out)
 and every other `nn.Linear` of more than one output in bfloat16 the same way. The embedding
 tables (shared with the original, not copied), the FM and first-order terms and the sigmoid stay
-float32: bf16 would lose the FM term's cancelling sums,
-and a gather gains nothing from it. Where the CPU has bf16 units (AVX-512 BF16, AMX) the matrix
-products run several times faster; the scores move by ~1e-3 (bench/RESULTS.md "Serving").
+float32: bf16 would lose the FM term's cancelling sums, and a gather gains nothing from it.
+Where the CPU has bf16 units (AVX-512 BF16, AMX) the matrix products run several times faster;
+the scores move by ~2e-3 (bench/RESULTS.md "Serving"). (torch.autocast was slower: it runs
+batch norm in float32, so each layer's output went bf16 -> fp32 -> bf16, and it cast the FM's
+vecdot to bf16 too.)
 
 In eval mode `BatchNorm1d(Wx + b)` is the affine map k * (Wx + b - mean) + beta with
 k = gamma / sqrt(running_var + eps): one linear layer with weight k * W and bias
-k * (b - mean) + beta. Folding removes a pass over every hidden activation, and under bfloat16
-autocast it also removes the casts around each norm (autocast runs batch norm in float32, so each
-layer's output went bf16 -> fp32 -> bf16). Folding rounds differently from the norm, by ~1e-7
+k * (b - mean) + beta. Folding removes a pass over every hidden activation, and lets the MLP
+stay in bf16 from its input to its output. Folding rounds differently from the norm, by ~1e-7
 relative in float32, so `predict`'s exact fp32 path does not fold; its bf16 path does.
 
 Only ctrkit's `MLP` (models/layers.py, the zoo's deep part) is folded, including the weight of

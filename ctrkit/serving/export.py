@@ -18,8 +18,9 @@ not write is refused; every file appears atomically, preprocess.json last):
 `batch_facts(BatchFacts(one_per_bag=True))`, so the table modules take their static path (a plain
 gather; finding out whether each bag holds one id would read the data, which torch.export cannot
 trace); `JaggedServingModule` says "not one id per bag", and the tables pool with
-`embedding_bag` over the lengths' offsets. Tables that fbgemm fuses (`optimizer.sparse.fused`) are exported as plain
-`BatchedEmbeddingBags` with the same weights, so the program needs no fbgemm.
+`embedding_bag` over the lengths' offsets. Tables that fbgemm fuses (`optimizer.sparse.fused`)
+are exported as plain `BatchedEmbeddingBags` with the same weights, so the program needs no
+fbgemm (a program that still calls an fbgemm op is refused).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from ctrkit.data.schema import Schema
 from ctrkit.errors import CtrkitError
 from ctrkit.models.embedding import BatchedEmbeddingBags, TableModule
 from ctrkit.ownership import OwnedFolder, atomic_path, check_disjoint, check_folder, write_error
-from ctrkit.serving.preprocess_spec import preprocess_spec
+from ctrkit.serving.preprocess_spec import jagged, preprocess_spec
 
 KIND = "model export"
 PROGRAM, TORCHSCRIPT, SPEC = "model.pt2", "model.ts", "preprocess.json"
@@ -81,11 +82,6 @@ class JaggedServingModule(nn.Module):
                                 stride=dense.shape[0])
         with batch_facts(BatchFacts(one_per_bag=False)):
             return torch.sigmoid(self.model(dense, kjt))
-
-
-def jagged(schema: Schema) -> bool:
-    """Whether a model of `schema` is exported with the jagged inputs (it has multi-hot features)."""
-    return any(f.multi for f in schema.sparse)
 
 
 def _first_line(e: BaseException) -> str:

@@ -128,10 +128,16 @@ MULTI_RULE = ("the field's text (after `fill`) is split at `separator`, empty pa
               "bag by `pooling` (sum or mean)")
 
 
+def jagged(schema: Schema) -> bool:
+    """Whether a model of `schema` takes the jagged inputs (values, lengths): it has multi-hot
+    features."""
+    return any(f.multi for f in schema.sparse)
+
+
 def _id_inputs(schema: Schema) -> List[dict]:
     """One `ids` matrix; with multi-hot features a KeyedJaggedTensor's values and lengths."""
     names = [f.name for f in schema.sparse]
-    if not any(f.multi for f in schema.sparse):
+    if not jagged(schema):
         return [{"name": "ids", "dtype": "int64", "shape": ["batch", len(names)], "columns": names}]
     return [{"name": "values", "dtype": "int64", "shape": ["n"], "keys": names,
              "layout": "key-major: every row's ids of keys[0] (row 0's bag, row 1's, ...), then "
