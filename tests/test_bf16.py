@@ -76,3 +76,36 @@ def test_the_bf16_copy_runs_linear_layers_in_bfloat16_and_keeps_the_original():
     assert got.dtype == torch.float32
     err = float((got - want).abs().max())
     assert 0 < err < 0.05 * float(want.abs().max())   # bf16's rounding, not another function
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_relu_is_relu_of_the_linear_layer(fused, monkeypatch):
+    from ctrkit.serving import bf16
+    if fused and bf16._FUSED is None:
+        pytest.skip("this torch has no fused oneDNN linear kernel")
+    if not fused:
+        monkeypatch.setattr(bf16, "_FUSED", None)
+    lin = nn.Linear(24, 40).to(torch.bfloat16)
+    x = torch.randn(33, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.relu(lin.weight.double() @ x.double().t() + lin.bias.double()[:, None]).t()
+        got = bf16.LinearReLU(lin)(x)
+    assert got.dtype == torch.bfloat16 and (got >= 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("side", [True, False])
+def test_the_bf16_mlp_fuses_hidden_relus_but_not_before_a_side_input(side):
+    from ctrkit.serving.bf16 import LinearReLU
+    mlp = MLP(12, [16, 8], 1, batch_norm=True, side_dim=3 if side else 0)
+    _trained_norms(mlp.double(), side=side)
+    mlp.float()
+    fast = bf16_copy(mlp)
+    fused = [i for i, m in enumerate(fast.layers) if isinstance(m, LinearReLU)]
+    assert fused == ([3] if side else [0, 3])   # (the side input joins layer 0 before its ReLU)
+    assert sum(isinstance(m, nn.ReLU) for m in fast.layers) == (1 if side else 0)
+    x, s = torch.randn(40, 12) * 3 + 1, torch.randn(40, 3) * 3 if side else None
+    with torch.no_grad():
+        want, got = mlp(x, s), fast(x, s)
+    err = float((got - want).abs().max())
+    assert 0 < err < 0.02 * float(want.abs().max())

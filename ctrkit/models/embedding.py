@@ -160,8 +160,9 @@ class BatchedEmbeddingBags(TableModule):
             idx = ids.inverse
         else:
             idx, weight = self._lookup_indices(kjt, single), self.weight
-            if single:
-                return weight.index_select(0, idx).view(b, t, self.embedding_dim)
+            if single:   # (a [N, 1] table gathers ~3x faster as a flat vector)
+                rows = weight.view(-1) if self.embedding_dim == 1 else weight
+                return rows.index_select(0, idx).view(b, t, self.embedding_dim)
         # (offsets by torch's cumsum, not kjt.offsets(): fbgemm's op would tie an exported
         # program to fbgemm)
         lengths = kjt.lengths().to(torch.int64)
