@@ -211,3 +211,22 @@ def test_bf16_precision_scores_close_to_fp32_and_a_bad_one_is_refused(criteo_run
     assert abs(s.metrics["auc"] - fp32.metrics["auc"]) < 0.01
     with pytest.raises(CtrkitError, match="precision 'fp8': expected one of fp32, bf16"):
         Predictor.load(run_dir, precision="fp8")
+
+
+@pytest.mark.parametrize("precision, scoring", [("bf16", 2), ("fp32", 3)])
+def test_bf16_scoring_leaves_the_reader_a_thread_and_the_count_is_restored(
+        criteo_run, tmp_path, monkeypatch, precision, scoring):
+    import torch
+    _, run_dir, _ = criteo_run
+    p = Predictor.load(run_dir, precision=precision)
+    seen = []
+    score = p._score
+    monkeypatch.setattr(p, "_score", lambda *a: seen.append(torch.get_num_threads()) or score(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        p.predict_files([str(LAPIS_CRITEO / "dev.csv")], tmp_path / "s.parquet", progress=False)
+        assert seen and set(seen) == {scoring}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
