@@ -2,7 +2,8 @@
 linear layer before it (`fold_batch_norms(model)`).
 
 `bf16_copy` folds the norms, then runs each of ctrkit's MLPs whole in bfloat16 (weights
-converted once; the input cast on the way in, the output cast back to float32 on the way out)
+converted once; the input cast on the way in, the output cast back to float32 on the way out;
+each hidden Linear + ReLU as one fused oneDNN call, `LinearReLU`, where torch has the kernel)
 and every other `nn.Linear` of more than one output in bfloat16 the same way. The embedding
 tables (shared with the original, not copied), the FM and first-order terms and the sigmoid stay
 float32: bf16 would lose the FM term's cancelling sums, and a gather gains nothing from it.
