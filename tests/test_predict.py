@@ -228,5 +228,10 @@ def test_bf16_scoring_leaves_the_reader_a_thread_and_the_count_is_restored(
         p.predict_files([str(LAPIS_CRITEO / "dev.csv")], tmp_path / "s.parquet", progress=False)
         assert seen and set(seen) == {scoring}
         assert torch.get_num_threads() == 3
+        seen.clear()   # rows through the API (a server's threads): the count is left alone
+        cols = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+        p.predict(pd.read_csv(LAPIS_CRITEO / "dev.csv", sep="\t", header=None, names=cols, nrows=50,
+                              dtype={c: str for c in cols if c.startswith("C")}))
+        assert set(seen) == {3}
     finally:
         torch.set_num_threads(before)

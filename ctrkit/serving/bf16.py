@@ -25,6 +25,7 @@ they are.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -105,14 +106,18 @@ class LinearReLU(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
-            return _FUSED(x, self.weight, self.bias, "relu", [], "")
+        # (the fused op has no backward: it is used only where no gradient is wanted)
+        if x.dtype == torch.bfloat16 and x.dim() == 2 and not torch.is_grad_enabled():
+            op = _fused_kernel()
+            if op is not None:
+                return op(x, self.weight, self.bias, "relu", [], "")
         return F.linear(x, self.weight, self.bias).relu_()
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_kernel():
     """oneDNN's fused linear + pointwise op (what torch.compile's CPU backend calls), if this
-    torch build has it and it runs in bfloat16 here."""
+    torch build has it and it runs in bfloat16 here (probed once, on first use)."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -123,8 +128,6 @@ def _fused_kernel():
     except (AttributeError, RuntimeError):
         return None
 
-
-_FUSED = _fused_kernel()
 
 
 def _fuse_relus(mlp: MLP) -> None:

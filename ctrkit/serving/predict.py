@@ -146,11 +146,10 @@ class Predictor:
 
     def _scored(self, batches: Iterator[pa.RecordBatch], layout: Layout):
         """(record batch, probabilities, labels or None) per batch of rows; the next batches
-        are read and encoded in a thread while this one is scored (see `_scoring_threads`)."""
-        with _scoring_threads(self.precision == "bf16"):
-            for part, sparse, dense, labels, multi in prefetch(self._encoded(batches, layout),
-                                                        PREFETCH, name="ctrkit-predict-encode"):
-                yield part, self._score(sparse, dense, multi), labels
+        are read and encoded in a thread while this one is scored."""
+        for part, sparse, dense, labels, multi in prefetch(self._encoded(batches, layout), PREFETCH,
+                                                    name="ctrkit-predict-encode"):
+            yield part, self._score(sparse, dense, multi), labels
 
     def predict(self, rows: Rows, skip_bad_rows: bool = False) -> np.ndarray:
         """One probability per row of a DataFrame, pyarrow Table or list of dicts."""
@@ -184,7 +183,7 @@ class Predictor:
         writer = None
         t0 = time.time()
         bar = tqdm(desc="predict", unit=" rows", disable=not progress, mininterval=1.0)
-        with atomic_path(output) as tmp:
+        with atomic_path(output) as tmp, _scoring_threads(self.precision == "bf16"):
             try:
                 for path in files:
                     if path.stat().st_size == 0:
@@ -222,12 +221,19 @@ class Predictor:
 
 @contextmanager
 def _scoring_threads(give_reader_a_core: bool):
-    """bf16 scoring gets one torch thread less than torch has (at least one) while it runs: it is
-    fast enough that the reading and encoding thread is the slower stage, and that needs a core
-    of its own. fp32 scoring is the slower stage and keeps every thread. At 2 threads here
-    (bench/RESULTS.md "Serving"): bf16 1.3x faster with 1 scoring thread, fp32 1.4x slower."""
+    """While `predict_files` runs in bf16, torch has one thread less (at least one): bf16 scoring
+    is fast enough that the file's reading and encoding thread is the slower stage, and that
+    needs a core of its own. fp32 scoring is the slower stage and keeps every thread. At 2
+    threads here (bench/RESULTS.md "Serving"): bf16 1.3-1.6x faster with 1 scoring thread, fp32
+    1.4x slower. (torch's thread count is per process: a thread that first uses torch inside the
+    window keeps the lower count, so `predict`, which a server may call from many threads, leaves
+    it alone.)"""
     n = torch.get_num_threads()
-    torch.set_num_threads(max(1, n - 1) if give_reader_a_core else n)
+    fewer = max(1, n - 1) if give_reader_a_core else n
+    if fewer == n:
+        yield
+        return
+    torch.set_num_threads(fewer)
     try:
         yield
     finally:
