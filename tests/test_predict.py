@@ -76,12 +76,17 @@ def test_a_file_without_labels_scores_and_the_run_moves(criteo_run, tmp_path):
     np.testing.assert_allclose(pd.read_csv(out)["probability"].to_numpy(), ref, atol=1e-6)
 
 
+def _dev_frame(nrows: int) -> pd.DataFrame:
+    """The first rows of the Criteo slice's dev.csv as a DataFrame (categoricals as text)."""
+    cols = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    return pd.read_csv(LAPIS_CRITEO / "dev.csv", sep="\t", header=None, names=cols, nrows=nrows,
+                       dtype={c: str for c in cols if c.startswith("C")})
+
+
 def test_the_python_api_takes_frames_tables_and_dicts(criteo_run):
     cfg, run_dir, _ = criteo_run
     p = Predictor.load(run_dir)
-    cols = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
-    df = pd.read_csv(LAPIS_CRITEO / "dev.csv", sep="\t", header=None, names=cols, nrows=200,
-                     dtype={c: str for c in cols if c.startswith("C")})
+    df = _dev_frame(200)
     ref = _reference(cfg, p, "valid")[1][:200]
     np.testing.assert_allclose(p.predict(df), ref, atol=1e-6)
     np.testing.assert_allclose(p.predict(df.drop(columns="label").to_dict("records")), ref,
@@ -229,9 +234,7 @@ def test_bf16_scoring_leaves_the_reader_a_thread_and_the_count_is_restored(
         assert seen and set(seen) == {scoring}
         assert torch.get_num_threads() == 3
         seen.clear()   # rows through the API (a server's threads): the count is left alone
-        cols = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
-        p.predict(pd.read_csv(LAPIS_CRITEO / "dev.csv", sep="\t", header=None, names=cols, nrows=50,
-                              dtype={c: str for c in cols if c.startswith("C")}))
+        p.predict(_dev_frame(50))
         assert set(seen) == {3}
     finally:
         torch.set_num_threads(before)

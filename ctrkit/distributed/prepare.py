@@ -7,8 +7,8 @@ its task runner; the other ranks follow its commands until it is done. A `map` o
 in rounds of (ranks x data.prepare_workers) files: rank r runs its block of the round (through
 its own worker processes when prepare_workers > 1), the results are gathered on rank 0 in file
 order, so the folder equals what one process writes with prepare_workers >= 2 (shards per file;
-the vocabularies, ids and rows of one process reading the files in one stream). Shards are written by the rank that encodes them into rank 0's temporary folder
-inside data.prepared_dir, which every rank must see (as training's ranks already do). Commands
+the vocabularies, ids and rows of one process reading the files in one stream). Shards are
+written by the rank that encodes them into rank 0's temporary folder inside data.prepared_dir, which every rank must see (as training's ranks already do). Commands
 and results travel by torch.distributed object collectives over a gloo group of their own, whose
 timeout allows for rank 0 working alone (fitting vocabularies, a held-out carve).
 """

@@ -129,7 +129,6 @@ def _fused_kernel():
         return None
 
 
-
 def _fuse_relus(mlp: MLP) -> None:
     """Each hidden Linear -> [Identity (a folded norm)] -> ReLU of `mlp` as one LinearReLU.
     (The first layer stays as it is when the MLP has a side input, added before its ReLU.)"""
