@@ -1,6 +1,7 @@
-"""The stable value hash (FNV-1a 64 over UTF-8 bytes) and the vocabulary index built on it."""
+"""The stable value hash (FNV-1a 64 over UTF-8 bytes) and the vocabulary index (exact keys)."""
 import numpy as np
 import pyarrow as pa
+import pytest
 
 import ctrkit.data.hashing as hashing
 from ctrkit.data.hashing import VocabIndex, fnv1a64
@@ -31,13 +32,65 @@ def test_vocab_index_finds_positions_and_never_confuses_values():
 
 
 def test_a_shared_hash_is_resolved_by_comparing_the_values(monkeypatch):
-    """With a weak hash (the first byte), a query that hashes like a vocabulary value but is
-    another value is absent; a vocabulary whose values share hashes falls back to the values."""
+    """Values longer than 8 bytes are found by hash: with a weak one (the first byte), a query
+    that hashes like a vocabulary value but is another value is absent; a vocabulary whose values
+    share hashes falls back to the values."""
     def first_byte(values):
         s = hashing.as_strings(values).to_pylist()
         return np.array([ord(v[0]) if v else 0 for v in s], np.uint64)
     monkeypatch.setattr(hashing, "fnv1a64", first_byte)
-    ix = VocabIndex(pa.array(["apple", "banana"]))
-    assert ix.positions(pa.array(["avocado", "banana", "apple", "blue"])).tolist() == [-1, 1, 0, -1]
-    shared = VocabIndex(pa.array(["apple", "avocado"]))
-    assert shared.positions(pa.array(["avocado", "apple", "axe"])).tolist() == [1, 0, -1]
+    ix = VocabIndex(pa.array(["apple pie", "banana split"]))
+    query = ["avocado toast", "banana split", "apple pie", "blueberry pie"]
+    assert ix.positions(pa.array(query)).tolist() == [-1, 1, 0, -1]
+    shared = VocabIndex(pa.array(["apple pie", "avocado toast"]))
+    assert shared.positions(pa.array(["avocado toast", "apple pie", "axe handles"])).tolist() == [
+        1, 0, -1]
+
+
+def _random_texts(rng, n, alphabet):
+    return ["".join(rng.choice(alphabet, size=int(rng.integers(0, 13)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vocab_index_agrees_with_a_dict_on_texts_of_every_length(seed):
+    """Keys of 0-7 bytes, of 8 bytes and hashed longer values, mixed in one vocabulary and one
+    query: the NUL byte and bytes 1-7 (the ones a short key's length byte could be confused with,
+    "ab" against "ab\\0"), multi-byte UTF-8, nulls, a sliced array; against a plain dict."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("ab\x00\x01\x07\x08é") + ["\u20ac"])
+    vocab = list(dict.fromkeys(_random_texts(rng, 400, alphabet)
+                               + ["ab", "ab\x00", "abcdefg\x07", "abcdefg", "\x07abcdefg", ""]))
+    ix = VocabIndex(pa.array(vocab))
+    ref = {v: i for i, v in enumerate(vocab)}
+    query = _random_texts(rng, 600, alphabet) + vocab + ["ab\x00\x00", "abcdefg\x00", None]
+    rng.shuffle(query)
+    query = [None if rng.random() < 0.05 else q for q in query]
+    want = [ref.get(q, -1) if q is not None else -1 for q in query]
+    assert ix.positions(pa.array(query)).tolist() == want
+    arr = pa.array(["pad"] + query)
+    assert ix.positions(arr.slice(1)).tolist() == want
+
+
+def test_vocab_index_reads_ids_of_eight_bytes_in_place():
+    """Hex ids (8 bytes each, with nulls between them: the one-class path with no gather) and an
+    empty vocabulary."""
+    vocab = ["68fd1e64", "05db9164", "ae82ea21", "8cf07265"]
+    ix = VocabIndex(pa.array(vocab))
+    query = pa.array([None, "ae82ea21", "68fd1e64", None, "00000000", "8cf07265"])
+    assert ix.positions(query).tolist() == [-1, 2, 0, -1, -1, 3]
+    assert ix.positions(query.slice(2, 3)).tolist() == [0, -1, -1]
+    assert VocabIndex(pa.array([], pa.string())).positions(query).tolist() == [-1] * 6
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_integers_are_found_by_their_decimal_text(wide):
+    """`int_positions` gives each integer the position of its decimal text: never a text that
+    merely reads as the same number ("05", "-0", "+5", " 5", "5.0"), through the direct table
+    (a narrow range) and the hash index (a wide one); a 19-digit text beyond int64 is no integer."""
+    vocab = ["7", "05", "-0", "+5", " 5", "5.0", "x", "-12", "0", "300", "9999999999999999999"]
+    vocab += ["-4611686018427387904", "9223372036854775807"] if wide else ["42"]
+    ix = VocabIndex(pa.array(vocab))
+    ref = {v: i for i, v in enumerate(vocab)}
+    values = np.array([7, 5, 0, -12, 300, 42, 6, -5, 2 ** 62, -4611686018427387904,
+                       9223372036854775807, -9223372036854775808], np.int64)
+    assert ix.int_positions(values).tolist() == [ref.get(str(int(v)), -1) for v in values]

@@ -4,8 +4,9 @@
 same rows (prepare encodes with it): the same column transforms (ctrkit/data/transforms.py), a
 value of the training vocabulary gets its id (2..), any other value the out-of-vocabulary id 0, a
 missing one id 1; a hashed feature's value gets 2 + FNV-1a-64(value) mod its hash_buckets.
-Each vocabulary is loaded once into a hash index (ctrkit/data/hashing.py); a batch looks up only
-its distinct values.
+Each vocabulary is loaded once into an index (ctrkit/data/hashing.py: values found exactly by a
+64-bit key). A column of text or integers is looked up row by row, with no pass to find its
+distinct values first; a dictionary-encoded column (as `prepare` reads) by its dictionary.
 """
 from __future__ import annotations
 
@@ -60,11 +61,25 @@ class RowEncoder:
         return np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
 
     def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
+        if self._features[f.name].vocab != "hash":
+            if pa.types.is_integer(col.type):   # (bucketed numerics: no text made of them)
+                values = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+                return self._looked_up(self.index(f.name).int_positions(values), col)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                return self._looked_up(self.index(f.name).positions(col), col)
         d = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
         remap = self._remap(d.dictionary, f)
         idx = d.indices if d.indices.null_count == 0 else pc.fill_null(d.indices, -1)
         idx = idx.to_numpy(zero_copy_only=False)
         return np.append(remap, np.int32(MISSING_ID))[idx]   # (-1, missing, picks the last slot)
+
+    @staticmethod
+    def _looked_up(found: np.ndarray, col: pa.Array) -> np.ndarray:
+        """int32 ids from vocabulary positions of every row of `col` (-1: out of vocabulary)."""
+        ids = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+        if col.null_count:
+            ids[col.is_null().to_numpy(zero_copy_only=False)] = MISSING_ID
+        return ids
 
     def _bags(self, lists: pa.ListArray, f: Feature) -> Tuple[np.ndarray, np.ndarray]:
         """A multi-hot feature's (ids, lengths): each row's values' ids; a missing row is the

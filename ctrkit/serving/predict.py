@@ -191,6 +191,7 @@ class Predictor:
                         continue
                     layout = resolve_layout(self.cfg.data, path, label_optional=True)
                     layout.passthrough = sources = _passthrough(layout, columns, path)
+                    layout.dictionaries = False
                     self.encoder.check(layout, str(path))
                     batches = iter_batches(path, layout, READ_BLOCK_MB, stats, skip,
                                            whole_file_mb=0)
