@@ -72,14 +72,15 @@ def test_vocab_index_agrees_with_a_dict_on_texts_of_every_length(seed):
 
 
 def test_vocab_index_reads_ids_of_eight_bytes_in_place():
-    """Hex ids (8 bytes each, with nulls between them: the one-class path with no gather) and an
+    """Hex ids (8 bytes each, with nulls between them: the one-class path with no gather; a null
+    is absent even where eight NUL bytes, whose key a null's slot holds, are a value) and an
     empty vocabulary."""
-    vocab = ["68fd1e64", "05db9164", "ae82ea21", "8cf07265"]
+    vocab = ["68fd1e64", "05db9164", "ae82ea21", "8cf07265", "\x00" * 8]
     ix = VocabIndex(pa.array(vocab))
-    query = pa.array([None, "ae82ea21", "68fd1e64", None, "00000000", "8cf07265"])
-    assert ix.positions(query).tolist() == [-1, 2, 0, -1, -1, 3]
+    query = pa.array([None, "ae82ea21", "68fd1e64", None, "00000000", "8cf07265", "\x00" * 8])
+    assert ix.positions(query).tolist() == [-1, 2, 0, -1, -1, 3, 4]
     assert ix.positions(query.slice(2, 3)).tolist() == [0, -1, -1]
-    assert VocabIndex(pa.array([], pa.string())).positions(query).tolist() == [-1] * 6
+    assert VocabIndex(pa.array([], pa.string())).positions(query).tolist() == [-1] * 7
 
 
 @pytest.mark.parametrize("wide", [False, True])

@@ -184,3 +184,28 @@ def test_a_file_read_in_pieces_prepares_as_when_read_whole(tmp_path, capsys):
                  "data.read_block_mb=1", f"data.prepared_dir={tmp_path / 'bad'}", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "bad.tsv:30001" in err, err
+
+
+def test_pieces_start_at_one_block_and_leave_no_scrap_blocks(tmp_path):
+    """The reader's pieces (read_whole_mb=0, 2 MB blocks): the first is 1 MB, so a consumer such
+    as predict starts on a few thousand rows; later ones are whole 2 MB blocks (a piece is the last
+    one's leftover bytes plus new ones, never a block of a row or two beyond its size); every row
+    once, in order."""
+    from ctrkit.config import load_config
+    from ctrkit.data.formats import resolve_layout
+    from ctrkit.data.reader import FIRST_PIECE, ReadStats, iter_batches
+    raw = tmp_path / "raw"
+    write_synthetic(raw, 40000, seed=3, card_scale=0.05, progress=False)
+    path = raw / "train.tsv"
+    size = path.stat().st_size
+    assert size > 8 * FIRST_PIECE
+    cfg = load_config(None, [f"data.train={path}"])
+    layout = resolve_layout(cfg.data, path)
+    batches = list(iter_batches(path, layout, 2, ReadStats(), whole_file_mb=0))
+    rows = np.array([b.num_rows for b in batches])
+    per_mb = rows.sum() / (size / (1 << 20))
+    assert abs(rows[0] - per_mb * FIRST_PIECE / (1 << 20)) < 0.02 * rows[0]
+    assert (rows[1:-1] > 0.95 * 2 * per_mb).all(), rows
+    labels = np.concatenate([b.column(layout.label).to_numpy() for b in batches])
+    want = [int(line.split(b"\t", 1)[0]) for line in path.read_bytes().splitlines()]
+    assert labels.tolist() == want
