@@ -16,6 +16,8 @@ host's CPU speed drifts several-fold within minutes, so the targets are ratios w
   pyarrow's thread pool has the same number of threads as torch for all of these;
 - train: the trainer's own training step of the same model (`Trainer.train_step`, data loading
   included; bench/throughput.py's full step) in samples/s.
+- bf16's stages alone, one after another (ctrkit's reader, encoding, the forward), rows/s each:
+  where predict's time goes, and the bound they set.
 Targets: predict/read >= 0.3, predict/train >= 3 (each reported for fp32 and bf16). Then the exported program (ctrkit export:
 model.pt2, run with torch alone) at batch 1, 32 and 512: p50 and p99 latency of a call.
 One result file per measurement and thread count, DIR/predict_t<threads>.json and
@@ -53,6 +55,27 @@ def _predict_rows_per_s(predictor, path: Path, out: Path) -> float:
     s = predictor.predict_files([str(path)], target, progress=False)
     target.unlink()
     return s.rows_read / s.seconds
+
+
+def _stage_rates(predictor, path: Path) -> Dict[str, float]:
+    """rows/s of predict's stages run alone, one after another in this thread: ctrkit's reader
+    (predict's layout and blocks), encoding with the run's vocabularies, and scoring the encoded
+    rows (the forward, no writing)."""
+    from ctrkit.data.formats import resolve_layout
+    from ctrkit.data.reader import ReadStats, iter_batches
+    from ctrkit.serving.predict import READ_BLOCK_MB
+    layout = resolve_layout(predictor.cfg.data, path, label_optional=True)
+    layout.dictionaries = False
+    t0 = time.perf_counter()
+    batches = list(iter_batches(path, layout, READ_BLOCK_MB, ReadStats(), whole_file_mb=0))
+    t1 = time.perf_counter()
+    encoded = [predictor.encoder.encode(b, layout) for b in batches]
+    t2 = time.perf_counter()
+    for sparse, dense, _, multi in encoded:
+        predictor._score(sparse, dense, multi)
+    t3 = time.perf_counter()
+    n = sum(b.num_rows for b in batches)
+    return {"reader": n / (t1 - t0), "encode": n / (t2 - t1), "forward": n / (t3 - t2)}
 
 
 def _agreement(fp32, bf16, path: Path, out: Path) -> dict:
@@ -106,7 +129,7 @@ def latency(program, schema, batches=LATENCY_BATCHES, calls: int = 200) -> Dict[
 
 def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: int) -> dict:
     from ctrkit.data.preprocess import open_prepared
-    from ctrkit.serving.predict import Predictor
+    from ctrkit.serving.predict import Predictor, _scoring_threads
     import pyarrow as pa
     torch.set_num_threads(threads)
     pa.set_cpu_count(threads)
@@ -115,12 +138,16 @@ def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: i
     delim = "\t" if cfg.data.format == "criteo_tsv" else ","
     with open_prepared(cfg, progress=False) as schema:
         train_rate = _train_samples_per_s(cfg, schema, out)
-        rows: Dict[str, List[float]] = {"predict": [], "predict_bf16": [], "read": [], "train": []}
+        rows: Dict[str, List[float]] = {"predict": [], "predict_bf16": [], "read": [], "train": [],
+                                        "bf16_reader": [], "bf16_encode": [], "bf16_forward": []}
         for _ in range(rounds):
             rows["read"].append(_read_rows_per_s(input_path, delim))
             rows["predict"].append(_predict_rows_per_s(predictor, input_path, out))
             rows["predict_bf16"].append(_predict_rows_per_s(bf16, input_path, out))
             rows["train"].append(train_rate())
+            with _scoring_threads(True):   # (the threads bf16 scoring has inside predict)
+                for stage, rate in _stage_rates(bf16, input_path).items():
+                    rows[f"bf16_{stage}"].append(rate)
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(rows[a], rows[b])), 3)  # noqa: E731
     result = {"threads": threads, "input": str(input_path), "run": str(run),
               "checkpoint": str(predictor.checkpoint), "model": cfg.model.name,
@@ -131,6 +158,8 @@ def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: i
               "predict_over_train": ratio("predict", "train"),
               "bf16_over_read": ratio("predict_bf16", "read"),
               "bf16_over_train": ratio("predict_bf16", "train"),
+              "bf16_stages_over_read": {k: ratio(f"bf16_{k}", "read")
+                                        for k in ("reader", "encode", "forward")},
               "bf16_agreement": _agreement(predictor, bf16, input_path, out),
               "pyarrow_threads": threads,
               "targets": {"predict_over_read": 0.3, "predict_over_train": 3.0},

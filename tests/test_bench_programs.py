@@ -338,3 +338,24 @@ def test_sharding_with_two_ranks(tmp_path):
     assert (rep["shard_group_size"], shard["shard_group_size"]) == (1, 2)
     assert len(shard["embedding_bytes_per_rank"]) == 2 and shard["memory_vs_replicated"] < 0.75
     assert rep["auc_vs_replicated"] == 0.0 and 0.4 < shard["final_auc"] < 1
+
+
+def test_the_serving_bench_measures_predict_its_stages_and_latency(tmp_path):
+    """bench/predict.py on a tiny model: one result file per measurement and thread count, the
+    stages' rates and ratios among them, and a finished file is skipped when run again."""
+    PR = _program("predict")
+    cfg = _data(tmp_path)
+    out, work = tmp_path / "results", tmp_path / "work"
+    args = [str(cfg), "--out", str(out), "--work", str(work), "--threads", "1", "--rounds", "1",
+            "--train-steps", "3"]
+    assert PR.main(args) == 0
+    res = json.loads((out / "predict_t1.json").read_text())
+    assert set(res["rows_per_s"]) == {"predict", "predict_bf16", "read", "train", "bf16_reader",
+                                      "bf16_encode", "bf16_forward"}
+    assert all(len(v) == 1 and v[0] > 0 for v in res["rows_per_s"].values())
+    assert set(res["bf16_stages_over_read"]) == {"reader", "encode", "forward"}
+    assert res["bf16_agreement"]["max_abs_diff"] < 0.05
+    lat = json.loads((out / "latency_t1.json").read_text())["latency"]
+    assert set(lat) == {"1", "32", "512"} and all(v["p50_ms"] > 0 for v in lat.values())
+    before = (out / "predict_t1.json").stat().st_mtime_ns
+    assert PR.main(args) == 0 and (out / "predict_t1.json").stat().st_mtime_ns == before

@@ -7,6 +7,7 @@ import datetime
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 
@@ -78,3 +79,26 @@ def test_ids_of_text_and_of_dictionaries_match_the_vocabulary(name, tmp_path):
     np.testing.assert_array_equal(got[False], want)
     assert (want == 0).any() and (want >= 2).any()   # out-of-vocabulary and known values occur
     assert (want == 1).any() == (name == "criteo")    # (Avazu's slice has no missing value)
+
+
+def test_integer_columns_of_every_width_are_looked_up_by_their_decimal_text(tmp_path):
+    """A bucketed numeric arrives as integers: int8..int64 and small unsigned ones by value,
+    uint64 by its text (2**64 - 1 is not the -1 it would wrap to in int64); nulls are missing."""
+    cfg = load_config(CONFIGS / "criteo_sample.yaml", [f"data.prepared_dir={tmp_path / 'prep'}"])
+    schema = prepare(cfg, progress=False)
+    f = next(f for f in schema.sparse if f.transform == "criteo_bucket" and
+             "-1" in feather.read_table(str(schema.vocab_path(f.name))).column("value").to_pylist())
+    vocab = feather.read_table(str(schema.vocab_path(f.name))).column("value").to_pylist()
+    ident = {v: i + 2 for i, v in enumerate(vocab)}
+    encoder = RowEncoder(schema)
+    values = [-1, 0, 1, None, 127]
+    want = [ident["-1"], ident["0"], ident["1"], 1, ident.get("127", 0)]
+    for t in (pa.int8(), pa.int32(), pa.int64()):
+        np.testing.assert_array_equal(encoder._ids(pa.array(values, t), f), want)
+    wide = pa.array([-2 ** 63, 2 ** 63 - 1, 0], pa.int64())   # (no wrap-around into the table)
+    np.testing.assert_array_equal(encoder._ids(wide, f), [0, 0, ident["0"]])
+    for t in (pa.uint8(), pa.uint32()):
+        np.testing.assert_array_equal(encoder._ids(pa.array(values[1:3] + [None], t), f),
+                                      want[1:4])
+    big = pa.array([2 ** 64 - 1, 0, None], pa.uint64())
+    np.testing.assert_array_equal(encoder._ids(big, f), [0, ident["0"], 1])

@@ -24,6 +24,14 @@ from ctrkit.data.schema import MISSING_ID, OOV_ID, Schema
 from ctrkit.errors import CtrkitError
 
 
+_SMALL_UNSIGNED = (pa.uint8(), pa.uint16(), pa.uint32())   # (uint64 does not fit int64)
+
+
+def _ids_of(found: np.ndarray) -> np.ndarray:
+    """int32 ids of vocabulary positions: position i is id i + 2, absent (-1) the OOV id."""
+    return np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+
+
 class RowEncoder:
     """Encodes raw rows for the model trained on `schema` (its folder holds the vocabularies)."""
 
@@ -57,12 +65,12 @@ class RowEncoder:
         info = self._features[f.name]
         if info.vocab == "hash":   # every value has a bucket: no out-of-vocabulary id
             return (fnv1a64(values) % np.uint64(info.hash_buckets)).astype(np.int32) + 2
-        found = self.index(f.name).positions(values)
-        return np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+        return _ids_of(self.index(f.name).positions(values))
 
     def _ids(self, col: pa.Array, f: Feature) -> np.ndarray:
         if self._features[f.name].vocab != "hash":
-            if pa.types.is_integer(col.type):   # (bucketed numerics: no text made of them)
+            if pa.types.is_signed_integer(col.type) or col.type in _SMALL_UNSIGNED:
+                # (bucketed numerics, weekdays: no text made of them)
                 values = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
                 return self._looked_up(self.index(f.name).int_positions(values), col)
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -75,8 +83,8 @@ class RowEncoder:
 
     @staticmethod
     def _looked_up(found: np.ndarray, col: pa.Array) -> np.ndarray:
-        """int32 ids from vocabulary positions of every row of `col` (-1: out of vocabulary)."""
-        ids = np.where(found >= 0, found + 2, OOV_ID).astype(np.int32)
+        """int32 ids of every row of `col` from their vocabulary positions; a null is missing."""
+        ids = _ids_of(found)
         if col.null_count:
             ids[col.is_null().to_numpy(zero_copy_only=False)] = MISSING_ID
         return ids

@@ -174,10 +174,9 @@ class VocabIndex:
         if self._ints is None:
             self._ints = self._int_table()
         lo, table, index, where = self._ints
-        if table is not None:
-            off = values - lo
-            inside = (off >= 0) & (off < len(table))
-            return np.where(inside, table[np.where(inside, off, 0)], -1)
+        if table is not None:   # (compared before subtracting: no int64 wrap-around)
+            inside = (values >= lo) & (values <= lo + len(table) - 1)
+            return np.where(inside, table[np.where(inside, values - lo, 0)], -1)
         found = index.get_indexer(values)
         return np.where(found >= 0, where[found], -1)
 
