@@ -160,9 +160,8 @@ class BatchedEmbeddingBags(TableModule):
             idx = ids.inverse
         else:
             idx, weight = self._lookup_indices(kjt, single), self.weight
-            if single:   # (a [N, 1] table gathers ~3x faster as a flat vector)
-                rows = weight.view(-1) if self.embedding_dim == 1 else weight
-                return rows.index_select(0, idx).view(b, t, self.embedding_dim)
+            if single:
+                return _gather(weight, idx).view(b, t, self.embedding_dim)
         # (offsets by torch's cumsum, not kjt.offsets(): fbgemm's op would tie an exported
         # program to fbgemm)
         lengths = kjt.lengths().to(torch.int64)
@@ -211,6 +210,18 @@ class BatchedEmbeddingBags(TableModule):
             for i, t in enumerate(self.tables):
                 ebc.embedding_bags[t.name].weight.copy_(self.table_weight(i))
         return ebc
+
+
+def _gather(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """weight[idx] without autograd (scoring): [len(idx), D]."""
+    if weight.shape[1] == 1:   # (a [N, 1] table gathers ~3x faster as a flat vector)
+        return weight.view(-1).index_select(0, idx).view(-1, 1)
+    if weight.device.type != "cpu":
+        return weight.index_select(0, idx)
+    # On CPU, embedding_bag's kernel (fbgemm's, with bags of one id: the same values) prefetches
+    # the rows that index_select waits for: DeepFM's forward ~1.05-1.1x (bench/RESULTS.md).
+    offsets = torch.arange(idx.numel() + 1, device=idx.device)
+    return F.embedding_bag(idx, weight, offsets, mode="sum", include_last_offset=True)
 
 
 def _one_id_per_bag(kjt: KeyedJaggedTensor, n_bags: int, facts: BatchFacts) -> bool:
