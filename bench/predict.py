@@ -19,7 +19,8 @@ host's CPU speed drifts several-fold within minutes, so the targets are ratios w
 - bf16's stages alone, one after another (ctrkit's reader, encoding, the forward), rows/s each:
   where predict's time goes, and the bound they set.
 Targets: predict/read >= 0.3, predict/train >= 3 (each reported for fp32 and bf16). Then the exported program (ctrkit export:
-model.pt2, run with torch alone) at batch 1, 32 and 512: p50 and p99 latency of a call.
+model.pt2, run with torch alone; exported afresh by each bench process) at batch 1, 32 and 512:
+p50 and p99 latency of a call.
 One result file per measurement and thread count, DIR/predict_t<threads>.json and
 DIR/latency_t<threads>.json; a finished one is skipped.
 """
@@ -168,18 +169,21 @@ def measure(cfg, run: Path, input_path: Path, out: Path, threads: int, rounds: i
     return result
 
 
-def measure_latency(run: Path, work: Path, threads: int) -> dict:
-    """The exported program (exported once into WORK/export) at each batch size."""
+def measure_latency(run: Path, work: Path, threads: int, exported: Dict[Path, str]) -> dict:
+    """The exported program at each batch size, exported into WORK/export once per bench run
+    (`exported`: folder -> when; an export left by an earlier run may be older code's program)."""
     from ctrkit.serving.export import export_model
     from ctrkit.serving.predict import Predictor
     torch.set_num_threads(threads)
     predictor = Predictor.load(run)
     folder = work / "export"
-    if not (folder / "model.pt2").is_file():
+    if folder not in exported:
         export_model(predictor.model, predictor.schema, folder)
+        exported[folder] = time.strftime("%Y-%m-%d %H:%M:%S")
     program = torch.export.load(str(folder / "model.pt2")).module()
     return {"threads": threads, "run": str(run), "checkpoint": str(predictor.checkpoint),
-            "program": str(folder / "model.pt2"), "latency": latency(program, predictor.schema),
+            "program": str(folder / "model.pt2"), "exported": exported[folder],
+            "latency": latency(program, predictor.schema),
             "host": platform.node(), "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -217,9 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   "tensorboard": False, "overwrite": True})
                 ctrkit.train(cfg.model_copy(update={"train": tc}))
         input_path = args.input or split_files(cfg.data.valid)[0]
-        done = {}
+        done, exported = {}, {}
         jobs = [("predict", lambda t: measure(cfg, run, input_path, args.work, t, args.rounds)),
-                ("latency", lambda t: measure_latency(run, args.work, t))]
+                ("latency", lambda t: measure_latency(run, args.work, t, exported))]
         for kind, job in jobs:
             for t in args.threads:
                 path = args.out / f"{kind}_t{t}.json"

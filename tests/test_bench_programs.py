@@ -358,4 +358,9 @@ def test_the_serving_bench_measures_predict_its_stages_and_latency(tmp_path):
     lat = json.loads((out / "latency_t1.json").read_text())["latency"]
     assert set(lat) == {"1", "32", "512"} and all(v["p50_ms"] > 0 for v in lat.values())
     before = (out / "predict_t1.json").stat().st_mtime_ns
+    program = (work / "export" / "model.pt2").stat().st_mtime_ns
     assert PR.main(args) == 0 and (out / "predict_t1.json").stat().st_mtime_ns == before
+    assert (work / "export" / "model.pt2").stat().st_mtime_ns == program   # (nothing measured)
+    (out / "latency_t1.json").unlink()   # measured again: with a program exported by this code
+    assert PR.main(args) == 0 and (work / "export" / "model.pt2").stat().st_mtime_ns > program
+    assert "exported" in json.loads((out / "latency_t1.json").read_text())
