@@ -212,15 +212,21 @@ class BatchedEmbeddingBags(TableModule):
         return ebc
 
 
+_BAG_GATHER_MIN = 32768   # ids (~840 rows of Criteo's 39 features)
+
+
 def _gather(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """weight[idx] without autograd (scoring): [len(idx), D]."""
     if weight.shape[1] == 1:   # (a [N, 1] table gathers ~3x faster as a flat vector)
         return weight.view(-1).index_select(0, idx).view(-1, 1)
-    if weight.device.type != "cpu":
+    n = idx.numel()   # (a symbolic size while torch.export traces: the program is a server's)
+    if weight.device.type != "cpu" or not isinstance(n, int) or n < _BAG_GATHER_MIN:
         return weight.index_select(0, idx)
-    # On CPU, embedding_bag's kernel (fbgemm's, with bags of one id: the same values) prefetches
-    # the rows that index_select waits for: DeepFM's forward ~1.05-1.1x (bench/RESULTS.md).
-    offsets = torch.arange(idx.numel() + 1, device=idx.device)
+    # A large batch on CPU (file scoring): embedding_bag's kernel (fbgemm's; bags of one id, the
+    # same values) prefetches the rows index_select waits for, DeepFM's forward ~1.05-1.1x at
+    # 4096 rows. Small ones, and the exported program (a server's batches), are 4-8 % faster
+    # with index_select: up to 512 rows it is the quicker (bench/RESULTS.md "Serving").
+    offsets = torch.arange(n + 1, device=idx.device)
     return F.embedding_bag(idx, weight, offsets, mode="sum", include_last_offset=True)
 
 
