@@ -95,3 +95,13 @@ def test_integers_are_found_by_their_decimal_text(wide):
     values = np.array([7, 5, 0, -12, 300, 42, 6, -5, 2 ** 62, -4611686018427387904,
                        9223372036854775807, -9223372036854775808], np.int64)
     assert ix.int_positions(values).tolist() == [ref.get(str(int(v)), -1) for v in values]
+
+
+@pytest.mark.parametrize("vocab", [[], ["x", "05", "-0"]])
+def test_integers_against_a_vocabulary_without_integer_texts_are_all_absent(vocab):
+    """An empty vocabulary (a numeric column empty throughout training) or one with no integer's
+    text: every integer is absent, none crashes the lookup."""
+    ix = VocabIndex(pa.array(vocab, pa.string()))
+    values = np.array([0, 5, -1, 2 ** 62], np.int64)
+    assert ix.int_positions(values).tolist() == [-1] * 4
+    assert ix.int_positions(np.array([], np.int64)).tolist() == []

@@ -177,8 +177,7 @@ class VocabIndex:
         if table is not None:   # (compared before subtracting: no int64 wrap-around)
             inside = (values >= lo) & (values <= lo + len(table) - 1)
             return np.where(inside, table[np.where(inside, values - lo, 0)], -1)
-        found = index.get_indexer(values)
-        return np.where(found >= 0, where[found], -1)
+        return where[index.get_indexer(values)]   # (-1, not found, picks where's last -1)
 
     def _int_table(self):
         """(lowest, direct table or None, pandas index, positions) of the vocabulary values that
@@ -198,4 +197,4 @@ class VocabIndex:
             table = np.full(int(ints.max()) - lo + 1, -1, np.int64)
             table[ints - lo] = where
             return lo, table, None, where
-        return 0, None, pd.Index(ints), where
+        return 0, None, pd.Index(ints), np.append(where, -1)   # (a last -1 for "not found")
