@@ -62,17 +62,15 @@ def _stage_rates(predictor, path: Path) -> Dict[str, float]:
     """rows/s of predict's stages run alone, one after another in this thread: ctrkit's reader
     (predict's layout and blocks), encoding with the run's vocabularies, and scoring the encoded
     rows (the forward, no writing)."""
-    from ctrkit.data.formats import resolve_layout
     from ctrkit.data.reader import ReadStats, iter_batches
     from ctrkit.serving.predict import READ_BLOCK_MB
-    layout = resolve_layout(predictor.cfg.data, path, label_optional=True)
-    layout.dictionaries = False
+    layout = predictor._file_layout(path)
     t0 = time.perf_counter()
     batches = list(iter_batches(path, layout, READ_BLOCK_MB, ReadStats(), whole_file_mb=0))
     t1 = time.perf_counter()
-    encoded = [predictor.encoder.encode(b, layout) for b in batches]
+    encoded = list(predictor._encoded(iter(batches), layout))
     t2 = time.perf_counter()
-    for sparse, dense, _, multi in encoded:
+    for _, sparse, dense, _, multi in encoded:
         predictor._score(sparse, dense, multi)
     t3 = time.perf_counter()
     n = sum(b.num_rows for b in batches)

@@ -180,8 +180,10 @@ class VocabIndex:
         return where[index.get_indexer(values)]   # (-1, not found, picks where's last -1)
 
     def _int_table(self):
-        """(lowest, direct table or None, pandas index, positions) of the vocabulary values that
-        are an integer's decimal text (a value like "05" or "x" is never an integer's text)."""
+        """The lookup of the vocabulary values that are an integer's decimal text (a value like
+        "05" or "x" is never an integer's text): (lowest, direct table of positions, None, None)
+        for a narrow range, else (0, None, pandas index of the integers, their positions and a
+        last -1)."""
         ok = pc.match_substring_regex(self.vocab, r"^(0|-?[1-9][0-9]{0,18})$")
         where = np.flatnonzero(pc.fill_null(ok, False).to_numpy(zero_copy_only=False))
         text = self.vocab.take(pa.array(where, pa.int64()))
@@ -196,5 +198,5 @@ class VocabIndex:
             lo = int(ints.min())   # a direct table, at most 4 slots per value
             table = np.full(int(ints.max()) - lo + 1, -1, np.int64)
             table[ints - lo] = where
-            return lo, table, None, where
+            return lo, table, None, None
         return 0, None, pd.Index(ints), np.append(where, -1)   # (a last -1 for "not found")

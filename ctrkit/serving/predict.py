@@ -162,6 +162,15 @@ class Predictor:
         out = [p for _, p, _ in self._scored(batches, layout)]
         return np.concatenate(out) if out else np.zeros(0)
 
+    def _file_layout(self, path: Path, columns: Sequence[str] = ()) -> Layout:
+        """How `predict_files` reads `path`: its columns, the `columns` passed through, categorical
+        text read as text (no dictionaries: every row is looked up), checked against the run."""
+        layout = resolve_layout(self.cfg.data, path, label_optional=True)
+        layout.passthrough = _passthrough(layout, columns, path)
+        layout.dictionaries = False
+        self.encoder.check(layout, str(path))
+        return layout
+
     def predict_files(self, inputs: Sequence[str], output: Union[str, Path],
                       columns: Sequence[str] = (), skip_bad_rows: Optional[bool] = None,
                       progress: bool = True) -> PredictSummary:
@@ -189,10 +198,8 @@ class Predictor:
                     if path.stat().st_size == 0:
                         print(f"ctrkit predict: {path} is empty: no rows to score", flush=True)
                         continue
-                    layout = resolve_layout(self.cfg.data, path, label_optional=True)
-                    layout.passthrough = sources = _passthrough(layout, columns, path)
-                    layout.dictionaries = False
-                    self.encoder.check(layout, str(path))
+                    layout = self._file_layout(path, columns)
+                    sources = layout.passthrough
                     batches = iter_batches(path, layout, READ_BLOCK_MB, stats, skip,
                                            whole_file_mb=0)
                     for rb, probs, labels in self._scored(_nonempty(batches), layout):
